@@ -1,0 +1,336 @@
+"""The framework-free training loop: one step, one epoch, evaluation, checkpoints.
+
+Plain PyTorch; no Ray and no MLflow. Where it runs (in-process, a Ray Tune trial, a Ray Train worker) is
+described by a :class:`LoopContext`: rank, world size, device, how to wrap the model for data parallelism,
+and a ``report`` callback that receives each epoch's metrics and the folder of that epoch's checkpoint.
+Under ``torch.distributed`` every rank evaluates a shard and the counts are all-reduced, so every rank
+reports identical metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
+
+from crdnd_ray import attacks
+from crdnd_ray.checkpoints import save_model, unwrap
+from crdnd_ray.config import RunConfig
+from crdnd_ray.data import build_datasets
+from crdnd_ray.methods import build_distiller
+from crdnd_ray.models import build_model
+
+__all__ = [
+    "CHECKPOINT_DIR",
+    "CHECKPOINT_FILE",
+    "DivergedError",
+    "LoopContext",
+    "evaluate_distributed",
+    "read_metrics",
+    "run_training",
+    "seed_everything",
+]
+
+CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_FILE = "state.pt"
+Reporter = Callable[[dict[str, Any], "Path | None"], None]
+
+
+class DivergedError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class LoopContext:
+    """Where the loop runs and how it reports.
+
+    ``report(metrics, checkpoint_dir)`` is called once per epoch on every rank; ``checkpoint_dir`` is the
+    run's ``checkpoint/`` folder holding the full training state ``state.pt`` (rank 0) or None (other
+    ranks). ``resume_from`` is such a folder to continue from. ``wrap`` turns the distiller into its
+    data-parallel form (DDP) or leaves it as is. ``on_epoch_start(epoch)`` runs before each epoch (fault
+    injection in tests).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    wrap: Callable[[nn.Module], nn.Module] = lambda module: module
+    report: Reporter | None = None
+    resume_from: Path | None = None
+    progress: Callable[[str], None] | None = None
+    on_epoch_start: Callable[[int], None] | None = None
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and PyTorch; optionally ask PyTorch for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    if _distributed():
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def _shard(dataset: Dataset, limit: int | None, rank: int, world_size: int) -> Subset:
+    total = len(dataset) if limit is None else min(limit, len(dataset))
+    return Subset(dataset, range(rank, total, world_size))
+
+
+def evaluate_distributed(model: nn.Module, dataset: Dataset, attack_names: list[str], *, eps: float,
+                         limit: int | None, batch_size: int, rank: int = 0, world_size: int = 1,
+                         device: torch.device | None = None) -> dict[str, float]:
+    """Accuracies (percent) under each attack on the first ``limit`` examples, sharded over ranks.
+
+    Each rank attacks its own shard; correct counts are all-reduced so every rank returns the same numbers.
+    """
+    shard = _shard(dataset, limit, rank, world_size)
+    loader = DataLoader(shard, batch_size=batch_size, shuffle=False)
+    local = attacks.evaluate(model, loader, attack_names, eps=eps, device=device) if len(shard) else {}
+    count = float(local.get("n_eval", 0))
+    names = [f"{name}_acc" for name in attack_names]
+    totals = torch.tensor([count] + [local.get(name, 0.0) * count / 100.0 for name in names], dtype=torch.float64)
+    totals = _all_reduce_sum(totals.to(device or "cpu")).cpu()
+    n_eval = float(totals[0])
+    results = {name: 100.0 * float(value) / max(n_eval, 1.0) for name, value in zip(names, totals[1:])}
+    results["n_eval"] = n_eval
+    return results
+
+
+def _lr_factor(cfg: RunConfig) -> Callable[[int], float]:
+    train = cfg.train
+    milestones = [m if m >= 1 else round(m * train.epochs) for m in train.milestones]
+
+    def factor(epoch: int) -> float:
+        if train.warmup_epochs and epoch < train.warmup_epochs:
+            return (epoch + 1) / (train.warmup_epochs + 1)
+        if train.schedule == "cosine":
+            span = max(train.epochs - train.warmup_epochs, 1)
+            return 0.5 * (1 + math.cos(math.pi * (epoch - train.warmup_epochs) / span))
+        if train.schedule == "multistep":
+            return train.gamma ** sum(epoch >= m for m in milestones)
+        return 1.0
+
+    return factor
+
+
+def _train_loader(dataset: Dataset, cfg: RunConfig, context: LoopContext) -> tuple[DataLoader, Any]:
+    per_worker = cfg.data.batch_size // context.world_size
+    if per_worker < 1 or cfg.data.batch_size % context.world_size:
+        raise ValueError(
+            f"data.batch_size={cfg.data.batch_size} is the global batch and must split evenly over "
+            f"{context.world_size} workers; choose a multiple of {context.world_size}."
+        )
+    if context.world_size > 1:
+        sampler = DistributedSampler(dataset, num_replicas=context.world_size, rank=context.rank,
+                                     shuffle=True, seed=cfg.experiment.seed, drop_last=True)
+    else:
+        generator = torch.Generator().manual_seed(cfg.experiment.seed)
+        sampler = RandomSampler(dataset, generator=generator)
+    loader = DataLoader(dataset, batch_size=per_worker, sampler=sampler, drop_last=True,
+                        num_workers=cfg.data.loader_workers, pin_memory=cfg.train.pin_memory,
+                        persistent_workers=cfg.data.loader_workers > 0)
+    return loader, sampler
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The per-epoch metric dicts of a ``metrics.jsonl`` file (empty when it does not exist)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text("".join(json.dumps(row) + "\n" for row in history))
+    temporary.replace(path)
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1], "python": random.getstate()[1]}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    numpy_state = np.random.get_state()
+    np.random.set_state((numpy_state[0], np.asarray(state["numpy"], dtype=np.uint32), 624, 0, 0.0))
+    random.setstate((3, tuple(int(v) for v in state["python"]), None))
+
+
+def run_training(cfg: RunConfig, output_dir: Path, teacher: nn.Module | None,
+                 context: LoopContext | None = None) -> dict[str, Any]:
+    """Train ``cfg``'s student with its method, evaluate it, and return the final metrics.
+
+    Writes into ``output_dir`` (rank 0 only): ``metrics.jsonl`` (one line per epoch), ``best.pt`` and
+    ``last.pt`` (student checkpoints) and ``final_metrics.json`` (the attack suite on the best and last
+    checkpoints). The last epoch's report carries the final metrics as ``best_*`` and ``last_*``.
+    """
+    context = context or LoopContext()
+    device = context.device
+    output_dir = Path(output_dir)
+    is_main = context.rank == 0
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.experiment.seed, cfg.experiment.deterministic)
+
+    train_set, test_set, info = build_datasets(cfg.data)
+    student = build_model(cfg.student.arch, num_classes=info.num_classes, in_channels=info.in_channels,
+                          **cfg.student.kwargs)
+    distiller = build_distiller(cfg.method.name, student, teacher, cfg.method, cfg.attack, info.num_classes)
+    if cfg.scaling.sync_batchnorm and context.world_size > 1:
+        distiller.student = nn.SyncBatchNorm.convert_sync_batchnorm(distiller.student)
+    distiller.to(device)
+    memory_format = torch.channels_last if cfg.train.channels_last and device.type == "cuda" else None
+    if memory_format is not None:
+        distiller.to(memory_format=memory_format)
+    optimizer = torch.optim.SGD(distiller.parameter_groups(cfg.train.weight_decay), lr=cfg.train.lr,
+                                momentum=cfg.train.momentum, nesterov=cfg.train.nesterov)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg))
+    metrics_path = output_dir / "metrics.jsonl"
+    start_epoch, best_score, history = 0, -math.inf, []
+    if context.resume_from is not None:
+        state = torch.load(Path(context.resume_from) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        unwrap(distiller.student).load_state_dict(state["student"])
+        distiller.extras.load_state_dict(state["extras"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        start_epoch, best_score = state["epoch"] + 1, state["best_score"]
+        history = [row for row in read_metrics(metrics_path) if row["epoch"] < start_epoch]
+    trained = context.wrap(distiller)
+    if cfg.train.compile:
+        trained = torch.compile(trained)
+    loader, sampler = _train_loader(train_set, cfg, context)
+    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+                if cfg.train.bf16 and device.type == "cuda" else contextlib.nullcontext())
+    save_facts = dict(arch=cfg.student.arch, kwargs=cfg.student.kwargs, num_classes=info.num_classes,
+                      in_channels=info.in_channels)
+    selection = cfg.eval.selection_metric
+
+    for epoch in range(start_epoch, cfg.train.epochs):
+        if context.on_epoch_start is not None:
+            context.on_epoch_start(epoch)
+        distiller.train()
+        distiller.set_epoch(epoch)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        sums: dict[str, torch.Tensor] = {}
+        seen = 0
+        started = time.perf_counter()
+        for step, (images, labels) in enumerate(loader):
+            if cfg.train.max_steps_per_epoch is not None and step >= cfg.train.max_steps_per_epoch:
+                break
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            if memory_format is not None:
+                images = images.contiguous(memory_format=memory_format)
+            with autocast:
+                loss, parts = trained(images, labels)
+            if not torch.isfinite(loss):
+                raise DivergedError(f"the training loss became {loss.item()} at epoch {epoch}, step {step}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            batch = labels.shape[0]
+            seen += batch
+            for name, value in {"loss": loss.detach(), **parts}.items():
+                sums[name] = sums.get(name, 0.0) + value.detach().float() * batch
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - started
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        names = sorted(sums)
+        totals = _all_reduce_sum(torch.stack([sums[n] for n in names] + [torch.tensor(float(seen), device=device)]))
+        global_seen = float(totals[-1])
+        row: dict[str, Any] = {"epoch": epoch, "lr": lr, "images_per_s": global_seen / max(elapsed, 1e-9),
+                               "epoch_time_s": elapsed}
+        row.update({name: float(totals[i]) / max(global_seen, 1.0) for i, name in enumerate(names)})
+        evaluation = evaluate_distributed(unwrap(distiller.student), test_set, cfg.eval.epoch_attacks,
+                                          eps=cfg.eval.eps, limit=cfg.eval.epoch_limit,
+                                          batch_size=cfg.data.eval_batch_size, rank=context.rank,
+                                          world_size=context.world_size, device=device)
+        row.update({k: v for k, v in evaluation.items() if k != "n_eval"})
+        improved = row[selection] > best_score
+        if improved:
+            best_score = row[selection]
+        row["best_" + selection.removesuffix("_acc") + "_so_far"] = best_score
+        history.append(row)
+        if context.progress and is_main:
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k not in ("epoch",))
+            context.progress(f"epoch {epoch + 1}/{cfg.train.epochs}: {shown}")
+
+        last_epoch = epoch == cfg.train.epochs - 1
+        checkpoint_dir = None
+        if is_main:
+            if improved:
+                save_model(output_dir / "best.pt", distiller.student, extra={"epoch": epoch}, **save_facts)
+            save_model(output_dir / "last.pt", distiller.student, extra={"epoch": epoch}, **save_facts)
+            _write_metrics(metrics_path, history)
+        if last_epoch:
+            row.update(_final_evaluation(cfg, output_dir, test_set, save_facts, context))
+        if is_main:
+            checkpoint_dir = output_dir / CHECKPOINT_DIR
+            checkpoint_dir.mkdir(exist_ok=True)
+            temporary = checkpoint_dir / (CHECKPOINT_FILE + ".tmp")
+            torch.save({"student": unwrap(distiller.student).state_dict(), "extras": distiller.extras.state_dict(),
+                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "rng": _rng_state(), "epoch": epoch, "best_score": best_score}, temporary)
+            temporary.replace(checkpoint_dir / CHECKPOINT_FILE)
+        if context.report is not None:
+            context.report(row, checkpoint_dir)
+    return read_final_metrics(output_dir) if is_main else {}
+
+
+def read_final_metrics(output_dir: Path) -> dict[str, Any]:
+    """The flat ``best_*``/``last_*`` metrics of a finished run (empty when it has not finished)."""
+    path = Path(output_dir) / "final_metrics.json"
+    if not path.exists():
+        return {}
+    final = json.loads(path.read_text())
+    return {f"{which}_{name}": value for which in ("best", "last") for name, value in final[which].items()}
+
+
+def _final_evaluation(cfg: RunConfig, output_dir: Path, test_set: Dataset, save_facts: dict[str, Any],
+                      context: LoopContext) -> dict[str, Any]:
+    """Run the attack suite on the best and last checkpoints; return ``best_*``/``last_*`` metrics."""
+    from crdnd_ray.checkpoints import load_model
+
+    if _distributed():
+        dist.barrier()
+    results: dict[str, dict[str, float]] = {}
+    for which in ("best", "last"):
+        model = load_model(output_dir / f"{which}.pt").to(context.device)
+        if context.progress and context.rank == 0:
+            context.progress(f"final evaluation of the {which} checkpoint: {', '.join(cfg.eval.final_attack_names)}")
+        results[which] = evaluate_distributed(model, test_set, cfg.eval.final_attack_names, eps=cfg.eval.eps,
+                                              limit=cfg.eval.final_limit, batch_size=cfg.data.eval_batch_size,
+                                              rank=context.rank, world_size=context.world_size,
+                                              device=context.device)
+    best_epoch = torch.load(output_dir / "best.pt", map_location="cpu", weights_only=True)["epoch"]
+    if context.rank == 0:
+        payload = {"best": results["best"], "last": results["last"], "best_epoch": best_epoch}
+        (output_dir / "final_metrics.json").write_text(json.dumps(payload, indent=2))
+    flat = {f"{which}_{name}": value for which in results for name, value in results[which].items()}
+    flat["best_epoch"] = best_epoch
+    return flat

@@ -1,0 +1,114 @@
+"""Robust teachers: train one (PGD-AT or TRADES), load a checkpoint, and cache by config hash.
+
+A teacher is trained by the same loop as students: the teacher's architecture becomes the "student" of a
+``sat`` or ``trades`` run with no teacher. A teacher trained on behalf of a sweep or ablation is cached
+under ``<cache>/<hash>/teacher.pt``, where the hash covers everything that changes the teacher, so it is
+trained once and reused.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+
+from crdnd_ray.checkpoints import load_model
+from crdnd_ray.config import RunConfig, config_hash
+from crdnd_ray.data import dataset_info
+from crdnd_ray.methods import METHODS
+
+__all__ = ["load_teacher", "needs_teacher", "prepare_teacher", "teacher_cache_root", "teacher_run_config",
+           "train_teacher"]
+
+
+def teacher_cache_root() -> Path:
+    """Where cached teachers live: ``$CRDND_RAY_CACHE`` or ``runs/teachers``."""
+    return Path(os.environ.get("CRDND_RAY_CACHE", "runs/teachers"))
+
+
+def needs_teacher(cfg: RunConfig) -> bool:
+    """Whether the configured method distils from a teacher."""
+    return METHODS[cfg.method.name].needs_teacher if cfg.method.name in METHODS else True
+
+
+def teacher_run_config(cfg: RunConfig) -> RunConfig:
+    """The run config that trains ``cfg``'s teacher: its architecture, adversarially, with no teacher."""
+    training = cfg.teacher.training
+    return cfg.with_overrides(
+        {
+            "student.arch": cfg.teacher.arch,
+            "student.kwargs": cfg.teacher.kwargs,
+            "method.name": training.method,
+            "method.temperature": None,
+            "method.alpha": None,
+            "method.trades.beta": training.trades_beta,
+            "attack.start": None,
+            "attack.bn_mode": None,
+            "train.epochs": training.epochs,
+            "train.lr": training.lr,
+            "search": None,
+            "ablation": None,
+        },
+        source="the teacher's training settings",
+    )
+
+
+def _teacher_key(cfg: RunConfig) -> str:
+    run = teacher_run_config(cfg).run_dict()
+    relevant = {key: run[key] for key in ("data", "student", "method", "attack", "train", "eval")}
+    relevant["seed"] = cfg.experiment.seed
+    relevant["data"] = {k: v for k, v in relevant["data"].items() if k not in ("root", "download", "loader_workers")}
+    return config_hash(relevant)
+
+
+def train_teacher(cfg: RunConfig, output_dir: Path, progress: Callable[[str], None] | None = None) -> Path:
+    """Train ``cfg``'s teacher into ``output_dir`` and return the path of its best-PGD checkpoint."""
+    from crdnd_ray.engine.loop import LoopContext, run_training
+
+    run_training(teacher_run_config(cfg), output_dir, None, LoopContext(progress=progress))
+    teacher_path = Path(output_dir) / "teacher.pt"
+    shutil.copyfile(Path(output_dir) / "best.pt", teacher_path)
+    return teacher_path
+
+
+def prepare_teacher(cfg: RunConfig, progress: Callable[[str], None] | None = None,
+                    cache_root: Path | None = None) -> Path | None:
+    """The teacher checkpoint for ``cfg``: the configured file, a cached one, or a freshly trained one.
+
+    Returns None when the method needs no teacher. A configured checkpoint is loaded once here so a bad
+    file fails before any trial starts.
+    """
+    if not needs_teacher(cfg):
+        return None
+    if cfg.teacher.checkpoint:
+        load_teacher(cfg, Path(cfg.teacher.checkpoint))
+        return Path(cfg.teacher.checkpoint)
+    folder = (cache_root or teacher_cache_root()) / _teacher_key(cfg)
+    cached = folder / "teacher.pt"
+    if cached.exists():
+        if progress:
+            progress(f"using the cached teacher {cached}")
+        return cached
+    if progress:
+        progress(f"training the teacher ({cfg.teacher.training.method}, {cfg.teacher.arch}) into {folder}")
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    train_teacher(cfg, partial, progress)
+    shutil.rmtree(folder, ignore_errors=True)
+    partial.rename(folder)
+    return cached
+
+
+def load_teacher(cfg: RunConfig, path: Path) -> nn.Module:
+    """Load the teacher of ``cfg`` from ``path`` (crdnd-ray or RobustBench format), frozen in eval mode."""
+    info = dataset_info(cfg.data)
+    teacher_cfg = cfg.teacher
+    kwargs: dict[str, Any] = dict(teacher_cfg.kwargs)
+    model = load_model(path, arch=teacher_cfg.arch, kwargs=kwargs, num_classes=info.num_classes,
+                       in_channels=info.in_channels, checkpoint_format=teacher_cfg.format,
+                       mean=teacher_cfg.mean, std=teacher_cfg.std)
+    model.requires_grad_(False)
+    return model.eval()
