@@ -19,7 +19,7 @@ from crdnd_ray.config import ConfigError, RunConfig, load_config
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Search hyperparameters and reproduce ablations of CRDND robustness distillation.")
 console = Console(stderr=True)
-stdout = Console()
+stdout = Console(width=None if sys.stdout.isatty() else 160)
 
 SET_HELP = "Override a config value: --set dotted.key=value (repeatable), e.g. --set train.epochs=5."
 OUTPUT_HELP = "Folder for everything the command writes (default runs/<experiment>/<timestamp>)."

@@ -274,10 +274,11 @@ def run_training(cfg: RunConfig, output_dir: Path, teacher: nn.Module | None,
         improved = row[selection] > best_score
         if improved:
             best_score = row[selection]
-        row["best_" + selection.removesuffix("_acc") + "_so_far"] = best_score
+        row[selection.removesuffix("_acc") + "_best_so_far"] = best_score
         history.append(row)
         if context.progress and is_main:
-            shown = ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k not in ("epoch",))
+            shown = "  ".join(f"{k}={row[k]:.4g}" for k in ("loss", *[f"{a}_acc" for a in cfg.eval.epoch_attacks],
+                                                                   "lr", "images_per_s") if k in row)
             context.progress(f"epoch {epoch + 1}/{cfg.train.epochs}: {shown}")
 
         last_epoch = epoch == cfg.train.epochs - 1

@@ -9,6 +9,7 @@ live table, and writes the results table when the trials end — including after
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -145,7 +146,7 @@ def _trial_status(trial: Any) -> tuple[str, str]:
         return "failed", _error_text(trial)
     final = trial.last_result or {}
     if trial.status == "TERMINATED":
-        return ("finished", "") if any(key.startswith("best_") and key != "best_epoch" for key in final) else (
+        return ("finished", "") if "best_epoch" in final else (
             "stopped_early", "stopped by the scheduler")
     return trial.status.lower(), ""
 
@@ -172,6 +173,10 @@ class _LiveTable:
             def __init__(self, total: int, metrics: list[str], spec: TrialSpec, printer: Callable[[str], None]):
                 self.total, self.metrics, self.spec, self.printer = total, metrics, spec, printer
                 self.done = 0
+
+            def __getstate__(self) -> dict[str, Any]:
+                """Tune pickles its run config for resuming; the printer stays with the live driver."""
+                return {**self.__dict__, "printer": print}
 
             def _line(self, trial: Any, what: str) -> None:
                 result = trial.last_result or {}
@@ -387,7 +392,7 @@ def run_sweep(cfg: RunConfig, folder: Path, resume: bool = False, printer: Calla
     teacher_path = prepare_teacher(cfg, printer)
     metrics, modes = search.metrics, search.modes
     searcher = OptunaSearch(
-        space=lambda trial: sample_space(trial, search.space),
+        space=functools.partial(sample_space, space=search.space),
         metric=metrics if len(metrics) > 1 else metrics[0],
         mode=modes if len(modes) > 1 else modes[0],
         sampler=_optuna_sampler(search),

@@ -171,6 +171,7 @@ class ContrastiveRelation(nn.Module):
 
     ``forward(student_features, teacher_features, weights)`` takes the student's penultimate features
     on ``x'`` and the teacher's on ``x`` (``(B, feature_dim)`` each) and returns the loss.
+    ``symmetric`` applies to ``infonce`` only; the relation loss is anchored on the student.
     Create it only when the loss is used on every step (a head that gets no gradient breaks DDP with
     ``find_unused_parameters=False``).
     """
