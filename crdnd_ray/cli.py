@@ -32,8 +32,9 @@ class UsageError(Exception):
 def _user_errors() -> tuple[type[BaseException], ...]:
     from crdnd_ray.checkpoints import CheckpointError
     from crdnd_ray.data import DataError
+    from crdnd_ray.engine.distributed import ResourceError, TrainingFailed
 
-    return ConfigError, DataError, CheckpointError, UsageError
+    return ConfigError, DataError, CheckpointError, UsageError, ResourceError, TrainingFailed
 
 
 def handle_errors(command: Callable) -> Callable:
@@ -46,8 +47,9 @@ def handle_errors(command: Callable) -> Callable:
         except _user_errors() as error:
             console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            console.print("[yellow]interrupted[/]: what finished so far is kept in the output folder.")
+        except KeyboardInterrupt as interrupt:
+            hint = f" ({interrupt})" if str(interrupt) else ""
+            console.print(f"[yellow]interrupted[/]: what finished so far is kept in the output folder{hint}.")
             raise typer.Exit(130) from None
 
     return wrapper
@@ -276,6 +278,33 @@ def sweep(
     if outcome["parent_run_id"]:
         stdout.print(f"MLflow: experiment '{cfg.experiment.name}', parent run {outcome['parent_run_id']} "
                      f"({cfg.tracking.uri}); open it with 'crdnd-ray ui'")
+
+
+@app.command()
+@handle_errors
+def ablate(
+    config: Path = typer.Argument(..., help="An ablation YAML (ablations/*.yaml)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    output: Optional[Path] = typer.Option(None, "--output", help=OUTPUT_HELP),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the interrupted ablation in this folder."),
+) -> None:
+    """Run the ablation study (variants × seeds) and print the mean ± std table."""
+    from crdnd_ray.engine.ablation import run_ablation
+    from crdnd_ray.engine.distributed import ResourceError
+
+    cfg = load(resume / "config.yaml" if resume else config, set_)
+    folder = _sweep_folder(cfg, output, resume, "ablation")
+    write_resolved_config(cfg, folder)
+    started = time.perf_counter()
+    try:
+        outcome = run_ablation(cfg, folder, resume=resume is not None, printer=progress_printer())
+    except ResourceError as error:
+        raise UsageError(str(error)) from None
+    stdout.print(f"ablation of {len(outcome['rows'])} runs in {time.perf_counter() - started:.1f} s\n")
+    stdout.print(outcome["markdown"], highlight=False, markup=False)
+    stdout.print("files: " + ", ".join(str(path) for path in outcome["files"]))
+    if outcome["parent_run_id"]:
+        stdout.print(f"MLflow: experiment '{cfg.experiment.name}', parent run {outcome['parent_run_id']}")
 
 
 @app.command()

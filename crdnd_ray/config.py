@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import inspect
 import json
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 __all__ = [
     "AblationConfig",
@@ -98,11 +100,45 @@ class DataConfig(_Section):
     test_limit: int | None = Field(default=None, ge=1)
 
 
+def _check_arch(arch: str) -> str:
+    """Refuse an architecture that is not in the model registry (imported lazily: it needs torch)."""
+    from crdnd_ray.models import MODELS
+
+    if arch not in MODELS:
+        close = difflib.get_close_matches(arch, list(MODELS), n=1, cutoff=0.5)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise ValueError(f"'{arch}' is not a known architecture; {hint}the known ones are {', '.join(sorted(MODELS))}")
+    return arch
+
+
+def _check_arch_kwargs(kwargs: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+    """Refuse ``kwargs`` entries that the configured architecture's constructor does not take."""
+    from crdnd_ray.models import MODELS
+
+    model_class = MODELS.get(info.data.get("arch", ""))
+    if model_class is None:
+        return kwargs
+    parameters = inspect.signature(model_class.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return kwargs
+    accepted = [name for name in parameters if name not in ("self", "num_classes", "in_channels")]
+    for key in kwargs:
+        if key not in accepted:
+            close = difflib.get_close_matches(key, accepted, n=1, cutoff=0.5)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            takes = f"it takes {', '.join(accepted)}" if accepted else "it takes none"
+            raise ValueError(f"architecture '{info.data['arch']}' has no argument '{key}'; {hint}{takes}")
+    return kwargs
+
+
 class ModelConfig(_Section):
     """A network from the model registry and its architecture arguments."""
 
     arch: str = "small_cnn"
     kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    _arch = field_validator("arch")(_check_arch)
+    _kwargs = field_validator("kwargs")(_check_arch_kwargs)
 
 
 class TeacherTrainingConfig(_Section):
@@ -129,6 +165,9 @@ class TeacherConfig(_Section):
     mean: list[float] | None = None
     std: list[float] | None = None
     training: TeacherTrainingConfig = Field(default_factory=TeacherTrainingConfig)
+
+    _arch = field_validator("arch")(_check_arch)
+    _kwargs = field_validator("kwargs")(_check_arch_kwargs)
 
 
 class CompensationConfig(_Section):
@@ -491,18 +530,32 @@ def _suggest(key: str, location: tuple[Any, ...]) -> str:
     return f" Valid keys here are: {', '.join(fields)}." if fields else ""
 
 
-def _describe_errors(error: ValidationError, source: str, lines: dict[tuple[str, ...], int]) -> str:
+def _override_source(location: tuple[str, ...], overridden: dict[tuple[str, ...], str]) -> str | None:
+    """The ``--set`` override that set the value at ``location`` (or a section above or below it)."""
+    for path, text in overridden.items():
+        cut = min(len(path), len(location))
+        if cut and path[:cut] == location[:cut]:
+            return text
+    return None
+
+
+def _describe_errors(error: ValidationError, source: str, lines: dict[tuple[str, ...], int],
+                     overridden: dict[tuple[str, ...], str] | None = None) -> str:
     problems = []
     for item in error.errors():
         location = tuple(str(part) for part in item["loc"] if not str(part).startswith("function-after"))
         location = tuple(part for part in location if part not in ("str", "list[str]", "float", "int"))
         dotted = ".".join(location) or "(top level)"
+        override = _override_source(location, overridden or {})
         line = None
         for cut in range(len(location), 0, -1):
             line = lines.get(location[:cut])
             if line:
                 break
-        where = f"{source}, line {line}" if line else source
+        if override is not None:
+            where = f"--set {override} (on top of {source})"
+        else:
+            where = f"{source}, line {line}" if line else source
         if item["type"] == "extra_forbidden":
             hint = _suggest(location[-1], location)
             problems.append(f"{where}: unknown key '{dotted}'.{hint}")
@@ -514,12 +567,17 @@ def _describe_errors(error: ValidationError, source: str, lines: dict[tuple[str,
     return " ".join(problems) + " Fix the value in the file or with --set and run the command again."
 
 
-def validate_config(raw: dict[str, Any], source: str = "config", text: str = "") -> RunConfig:
-    """Validate a raw mapping into a RunConfig, turning every problem into a ConfigError."""
+def validate_config(raw: dict[str, Any], source: str = "config", text: str = "",
+                    overridden: dict[tuple[str, ...], str] | None = None) -> RunConfig:
+    """Validate a raw mapping into a RunConfig, turning every problem into a ConfigError.
+
+    ``overridden`` maps the key paths set by ``--set`` to the override's text, so a bad override is
+    reported as that ``--set`` rather than as a line of the file.
+    """
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError(_describe_errors(error, source, _yaml_lines(text))) from None
+        raise ConfigError(_describe_errors(error, source, _yaml_lines(text), overridden)) from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
@@ -557,7 +615,16 @@ def load_config(path: str | Path | None, overrides: list[str] | dict[str, Any] |
                 f"not a {type(loaded).__name__}."
             )
         raw = loaded
+    overridden: dict[tuple[str, ...], str] = {}
     if overrides:
-        pairs = dict(parse_override(item) for item in overrides) if isinstance(overrides, list) else overrides
+        if isinstance(overrides, list):
+            pairs = {}
+            for item in overrides:
+                key, value = parse_override(item)
+                pairs[key] = value
+                overridden[tuple(_split_key(key))] = item.strip()
+        else:
+            pairs = dict(overrides)
+            overridden = {tuple(_split_key(key)): f"{key}={value!r}" for key, value in pairs.items()}
         apply_overrides(raw, pairs, source=f"--set in {source}")
-    return validate_config(raw, source=source, text=text)
+    return validate_config(raw, source=source, text=text, overridden=overridden)

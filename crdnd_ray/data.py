@@ -15,7 +15,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 from crdnd_ray.config import DataConfig
 
-__all__ = ["DataError", "DatasetInfo", "build_datasets", "dataset_info"]
+__all__ = ["CIFAR_FOLDERS", "DataError", "DatasetInfo", "build_datasets", "dataset_info"]
 
 
 class DataError(Exception):
@@ -32,7 +32,7 @@ class DatasetInfo:
     image_size: int
 
 
-_CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 
 
 def dataset_info(cfg: DataConfig) -> DatasetInfo:
@@ -95,15 +95,15 @@ def _cifar(cfg: DataConfig) -> tuple[Dataset, Dataset]:
         train = dataset_class(str(root), train=True, download=cfg.download, transform=train_transform)
         test = dataset_class(str(root), train=False, download=cfg.download, transform=to_tensor)
     except RuntimeError as error:
-        folder = root / _CIFAR_FOLDERS[cfg.name]
+        folder = root / CIFAR_FOLDERS[cfg.name]
         raise DataError(
             f"The {cfg.name} dataset was not found (or is corrupted) in '{folder}' ({error}). "
             f"Either set data.download: true (or --set data.download=true) on a machine with internet, or "
-            f"put torchvision's extracted '{_CIFAR_FOLDERS[cfg.name]}' folder under data.root='{root}'."
+            f"put torchvision's extracted '{CIFAR_FOLDERS[cfg.name]}' folder under data.root='{root}'."
         ) from None
     except OSError as error:
         raise DataError(
             f"Downloading {cfg.name} into '{root}' failed ({error}). Check the internet connection, or "
-            f"download it elsewhere and copy the '{_CIFAR_FOLDERS[cfg.name]}' folder under '{root}'."
+            f"download it elsewhere and copy the '{CIFAR_FOLDERS[cfg.name]}' folder under '{root}'."
         ) from None
     return train, test

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FORMATS",
     "bar_plot_with_errors",
+    "curve_keys",
     "default_metrics",
     "format_table",
     "learning_curves",
@@ -108,8 +110,9 @@ def runs_frame(tracking_uri: str, experiment: str, parent_run_id: str | None = N
     With ``parent_run_id`` only that parent's children; with ``top_level`` only runs without a parent; with
     ``run_ids`` only those runs. Columns: ``run_id``, ``run_name``, ``status`` (the ``status`` tag), the
     ``variant``/``seed`` tags when present, the sampled parameters (marked ``sampled.*`` in MLflow, shown
-    under their own name), the other parameters whose values differ between runs, and ``metrics`` (default
-    :func:`default_metrics`). ``frame.attrs`` holds the lists ``sampled``, ``params`` and ``metrics``.
+    under their own name), the other parameters whose values differ between runs (both sorted by name), and
+    ``metrics`` (default :func:`default_metrics`). ``frame.attrs`` holds the lists ``sampled``, ``params``
+    and ``metrics``.
     Raises ValueError for an unknown experiment or metric.
     """
     import mlflow
@@ -151,11 +154,11 @@ def runs_frame(tracking_uri: str, experiment: str, parent_run_id: str | None = N
     for tag in _TAG_COLUMNS:
         if f"tags.{tag}" in raw.columns and raw[f"tags.{tag}"].notna().any():
             frame[tag] = _to_numeric_if_possible(raw[f"tags.{tag}"])
-    sampled = [c[len("params.sampled."):] for c in raw.columns if c.startswith("params.sampled.")]
+    sampled = sorted(c[len("params.sampled."):] for c in raw.columns if c.startswith("params.sampled."))
     for name in sampled:
         frame[name] = _to_numeric_if_possible(raw[f"params.sampled.{name}"])
     varying = []
-    for name in raw.columns:
+    for name in sorted(raw.columns):
         if not name.startswith("params.") or name.startswith("params.sampled."):
             continue
         key = name[len("params."):]
@@ -317,8 +320,27 @@ def _save(figure: Any, path: Path | str) -> Path:
     return path
 
 
+_EVAL_ACCURACY = re.compile(r"^(clean|fgsm|pgd\d*|cw\d*|autoattack)_acc$")
+_NOT_LOSS_PREFIXES = ("best_", "last_", "weight_", "teacher_")
+_NOT_LOSS_SUFFIXES = ("_acc", "_at", "_s", "_best_so_far", "_diag")
+
+
+def curve_keys(keys: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Split epoch-row keys into loss terms (``loss`` first, then its parts) and evaluation accuracies.
+
+    Loss parts are every key that is not bookkeeping (``epoch``, ``lr``, times, stamps), a diagnostic
+    (``weight_*``, ``teacher_*``, ``*_diag``), an accuracy or a final metric. Evaluation accuracies are the
+    attack suite's (``clean_acc``, ``pgd20_acc``, ``fgsm_acc``, ``cw_acc``, ``autoattack_acc``), all in %.
+    """
+    losses = [k for k in keys if k not in ("epoch", "lr") and not k.startswith(_NOT_LOSS_PREFIXES)
+              and not k.endswith(_NOT_LOSS_SUFFIXES)]
+    losses.sort(key=lambda k: (k != "loss", k))
+    accuracies = [k for k in keys if _EVAL_ACCURACY.match(k)]
+    return losses, accuracies
+
+
 def learning_curves(history: list[dict[str, Any]], path: Path | str) -> Path:
-    """Loss (and its parts) and per-epoch accuracies (clean, PGD, ...) against the epoch, as a PNG."""
+    """Loss (and its parts) and the per-epoch evaluation accuracies (clean, PGD, ...) against the epoch."""
     figure, axes = _figure(2)
     epochs = [row.get("epoch", position) for position, row in enumerate(history)]
     keys: list[str] = []
@@ -331,9 +353,7 @@ def learning_curves(history: list[dict[str, Any]], path: Path | str) -> Path:
                   and math.isfinite(float(r[key]))]
         return [p[0] for p in points], [p[1] for p in points]
 
-    losses = [k for k in keys if "loss" in k and not k.startswith(("best_", "last_"))]
-    losses.sort(key=lambda k: (k != "loss", k))
-    accuracies = [k for k in keys if k.endswith("_acc") and not k.startswith(("best_", "last_"))]
+    losses, accuracies = curve_keys(keys)
     for key in losses:
         x, y = series(key)
         if y:
@@ -342,7 +362,10 @@ def learning_curves(history: list[dict[str, Any]], path: Path | str) -> Path:
         x, y = series(key)
         if y:
             axes[0][1].plot(x, y, marker="o", markersize=3, label=key)
-    for ax, title, ylabel in ((axes[0][0], "training loss", "loss"), (axes[0][1], "accuracy", "accuracy")):
+    from matplotlib.ticker import MaxNLocator
+
+    for ax, title, ylabel in ((axes[0][0], "training loss", "loss"), (axes[0][1], "evaluation accuracy", "accuracy (%)")):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
@@ -386,6 +409,9 @@ def optimisation_history(frame: pd.DataFrame, metric: str, mode: str, path: Path
         ax.step(trials[shown], running[shown], where="post", color="tab:red", label=f"best so far ({mode})")
     else:
         ax.text(0.5, 0.5, "no finished values", ha="center", va="center", transform=ax.transAxes)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("trial")
     ax.set_ylabel(metric)
     ax.set_title(f"optimisation history of {metric}")
@@ -627,6 +653,9 @@ def report_command(experiment: str, run: str | None, metrics: list[str] | None, 
             title = f"runs of '{experiment}'"
     title += f", {len(frame)} run(s)"
     print(format_table(frame, fmt if fmt in ("table", "md", "csv") else "table", title=title))
+    if frame.empty:
+        print(f"The experiment '{experiment}' holds no runs here yet; record some with 'crdnd-ray train', "
+              "'crdnd-ray sweep' or 'crdnd-ray ablate'.")
     if output is not None:
         output = Path(output)
         if not output.suffix:

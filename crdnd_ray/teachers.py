@@ -57,8 +57,15 @@ def teacher_run_config(cfg: RunConfig) -> RunConfig:
 
 
 def _teacher_key(cfg: RunConfig) -> str:
+    """The cache key: a hash of every setting that changes the trained teacher, and of nothing else.
+
+    Only the teacher method's own settings count from ``method``: the student's distillation settings
+    (temperature, compensation, contrastive loss) do not change a PGD-AT or TRADES teacher, so a run that
+    changes only them (``crdnd-ray train best.yaml`` after a sweep) reuses the cached teacher.
+    """
     run = teacher_run_config(cfg).run_dict()
     relevant = {key: run[key] for key in ("data", "student", "method", "attack", "train", "eval")}
+    relevant["method"] = {"name": run["method"]["name"], "trades": run["method"]["trades"]}
     relevant["seed"] = cfg.experiment.seed
     relevant["data"] = {k: v for k, v in relevant["data"].items() if k not in ("root", "download", "loader_workers")}
     return config_hash(relevant)

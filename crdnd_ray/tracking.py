@@ -26,6 +26,7 @@ import Ray or MLflow.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -43,7 +44,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -223,8 +224,14 @@ def _is_final_key(key: str) -> bool:
     return key.startswith(("best_", "last_"))
 
 
+def _epoch_metrics(row: dict[str, Any]) -> dict[str, Any]:
+    """An epoch row without Tune's bookkeeping, wall-clock stamps (``*_at``) and the final ``best_*``/``last_*``."""
+    return {key: value for key, value in row.items()
+            if key not in _TUNE_AUTO_KEYS and not key.endswith("_at") and not _is_final_key(key)}
+
+
 def _retry(call: Callable[[], Any]) -> Any:
-    """Run an MLflow call, retrying when SQLite reports a lock or a concurrent schema creation."""
+    """Run an MLflow call, retrying with backoff while SQLite reports that the database is locked."""
     delay = 0.05
     for attempt in range(_RETRIES):
         try:
@@ -234,9 +241,52 @@ def _retry(call: Callable[[], Any]) -> Any:
             transient = "database is locked" in text or "database table is locked" in text
             if not transient or attempt == _RETRIES - 1:
                 raise
+            logger.debug("The tracking store is locked; retrying in %.2f s.", delay)
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
     raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path | None) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on a folder (POSIX), so that processes opening a fresh SQLite store one
+    after the other do not run MLflow's schema migrations at the same time. A no-op where unsupported."""
+    if folder is None:
+        yield
+        return
+    try:
+        import fcntl
+
+        descriptor = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(descriptor, fcntl.LOCK_UN)
+        os.close(descriptor)
+
+
+def _check_server(uri: str, timeout_s: float = 10.0) -> None:
+    """Fail fast, with a clear message, when an ``http(s)`` tracking server does not answer ``/health``."""
+    from urllib.parse import urlparse
+
+    host = urlparse(uri).hostname or ""
+    handlers = [urllib.request.ProxyHandler({})] if _is_loopback(host) else []
+    try:
+        with urllib.request.build_opener(*handlers).open(f"{uri.rstrip('/')}/health", timeout=timeout_s) as answer:
+            if answer.status == 200:
+                return
+            problem = f"HTTP {answer.status}"
+    except (urllib.error.URLError, OSError) as error:
+        problem = str(getattr(error, "reason", error))
+    raise ConnectionError(
+        f"The MLflow tracking server at {uri} does not answer ({problem}). Start it (for example "
+        "'mlflow server --backend-store-uri postgresql://... --host 0.0.0.0 --port 5000') or set "
+        "tracking.uri to 'sqlite:///mlflow.db' to record into a local file."
+    )
 
 
 class Recorder:
@@ -256,8 +306,11 @@ class Recorder:
         db = sqlite_path(self.tracking_uri)
         if db is not None:
             db.parent.mkdir(parents=True, exist_ok=True)
-        self.client: MlflowClient = MlflowClient(tracking_uri=self.tracking_uri)
-        self.experiment_id: str = self._get_or_create_experiment(configured)
+        if _is_server(self.tracking_uri):
+            _check_server(self.tracking_uri)
+        with _folder_lock(db.parent if db is not None else None):
+            self.client: MlflowClient = MlflowClient(tracking_uri=self.tracking_uri)
+            self.experiment_id: str = self._get_or_create_experiment(configured)
         experiment_obj = _retry(lambda: self.client.get_experiment(self.experiment_id))
         self.artifact_location: str = experiment_obj.artifact_location
 
@@ -284,6 +337,17 @@ class Recorder:
                     raise
                 time.sleep(0.05)
         raise RuntimeError(f"Could not get or create the MLflow experiment '{name}' in {self.tracking_uri}.")
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("client", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        from mlflow import MlflowClient
+
+        self.__dict__.update(state)
+        self.client = MlflowClient(tracking_uri=self.tracking_uri)
 
     def common_tags(self) -> dict[str, str]:
         """The git commit, host and device tags (see :func:`common_tags`)."""
@@ -350,6 +414,8 @@ class Recorder:
         """End a run: tags ``status`` (and ``status_reason``) and MLflow status FINISHED or FAILED."""
         if status not in _MLFLOW_STATUS:
             raise ValueError(f"The run status '{status}' is not one of {', '.join(_MLFLOW_STATUS)}.")
+        if reason is None and "status_reason" in _retry(lambda: self.client.get_run(run_id)).data.tags:
+            _retry(lambda: self.client.delete_tag(run_id, "status_reason"))
         self.set_tags(run_id, {"status": status, "status_reason": reason})
         _retry(lambda: self.client.set_terminated(run_id, status=_MLFLOW_STATUS[status]))
 
@@ -425,12 +491,11 @@ def log_finished_run(recorder: Recorder, cfg_dict: dict[str, Any], folder: Path 
     try:
         for position, row in enumerate(read_history(folder / "metrics.jsonl")):
             epoch = row.get("epoch", position)
-            recorder.log_epoch(run_id, {k: v for k, v in row.items() if not _is_final_key(k)},
-                               step=int(epoch) if isinstance(epoch, (int, float)) else position)
+            recorder.log_epoch(run_id, _epoch_metrics(row), step=int(epoch) if isinstance(epoch, (int, float)) else position)
         final_path = folder / "final_metrics.json"
-        final = json.loads(final_path.read_text()) if final_path.is_file() else None
+        final = final_metrics_flat(json.loads(final_path.read_text())) if final_path.is_file() else {}
         if final:
-            recorder.log_metrics(run_id, final_metrics_flat(final))
+            recorder.log_metrics(run_id, final)
         recorder.log_run_folder(run_id, folder)
     except Exception as error:
         recorder.finish(run_id, "failed", f"Recording the run folder {folder} failed: {error}")
@@ -453,7 +518,8 @@ class TrialInfo:
 
 
 def _error_text(trial: Any, max_lines: int = 30) -> str:
-    """The trial's error (``trial.error_file``, else ``trial.get_error()``), shortened to its head and tail."""
+    """The trial's error (``trial.error_file``, else ``trial.get_error()``): its last line (the exception),
+    then the text shortened to its head and tail."""
     text = ""
     try:
         error_file = trial.error_file
@@ -470,9 +536,10 @@ def _error_text(trial: Any, max_lines: int = 30) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     if not lines:
         return "The trial failed without an error message."
+    summary = lines[-1].strip()
     if len(lines) > max_lines:
         lines = lines[: max_lines - 6] + ["..."] + lines[-5:]
-    return "\n".join(lines)
+    return summary + "\n\n" + "\n".join(lines)
 
 
 class _TrialRecorderMixin:
@@ -487,6 +554,7 @@ class _TrialRecorderMixin:
         self.infos: dict[str, TrialInfo] = {}
         self.final_seen: set[str] = set()
         self.last_epoch: dict[str, int] = {}
+        self.logged_steps: dict[str, set[int]] = {}
 
     def _info(self, trial: Any) -> TrialInfo:
         info = self.infos.get(trial.trial_id)
@@ -503,6 +571,8 @@ class _TrialRecorderMixin:
         info = self._info(trial)
         existing = self.recorder.find_child(self.parent_run_id, trial_id)
         if existing is not None:
+            history = _retry(lambda: self.recorder.client.get_metric_history(existing, "epoch"))
+            self.logged_steps[trial_id] = {int(point.step) for point in history}
             _retry(lambda: self.recorder.client.update_run(existing, status="RUNNING"))
             self.recorder.set_tags(existing, {"status": "running", "resumed": "true"})
             self.runs[trial_id] = existing
@@ -528,16 +598,22 @@ class _TrialRecorderMixin:
 
     def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any],
                         **info: Any) -> None:
-        """Log the epoch's metrics at ``step=result['epoch']``; log ``best_*``/``last_*`` as final metrics."""
+        """Log the epoch's metrics at ``step=result['epoch']``; log ``best_*``/``last_*`` as final metrics.
+
+        An epoch already recorded (a restored trial repeating epochs after its checkpoint) is not logged twice.
+        """
 
         def record() -> None:
             run = self.run_id(trial)
-            epoch_rows = {k: v for k, v in result.items() if k not in _TUNE_AUTO_KEYS and not _is_final_key(k)}
+            epoch_rows = _epoch_metrics(result)
             step = result.get("epoch")
             if not isinstance(step, (int, float)) or isinstance(step, bool):
                 step = int(result.get("training_iteration", 1)) - 1
             self.last_epoch[trial.trial_id] = int(step)
-            self.recorder.log_epoch(run, epoch_rows, step=int(step))
+            logged = self.logged_steps.setdefault(trial.trial_id, set())
+            if int(step) not in logged:
+                self.recorder.log_epoch(run, epoch_rows, step=int(step))
+                logged.add(int(step))
             final = {k: v for k, v in result.items() if _is_final_key(k)}
             if any(k.startswith("best_") for k in final):
                 self.recorder.log_metrics(run, final)
@@ -546,10 +622,20 @@ class _TrialRecorderMixin:
         self._guard("logging a result", trial, record)
 
     def _has_final(self, trial: Any, run: str) -> bool:
+        """Whether final metrics arrived: in a result, already in MLflow (resume), or in final_metrics.json."""
         if trial.trial_id in self.final_seen:
             return True
         metrics = _retry(lambda: self.recorder.client.get_run(run)).data.metrics
-        return any(key.startswith("best_") for key in metrics)
+        if any(key.startswith("best_") for key in metrics):
+            return True
+        folder = self._info(trial).output_dir
+        final_path = Path(folder) / "final_metrics.json" if folder is not None else None
+        if final_path is not None and final_path.is_file():
+            final = final_metrics_flat(json.loads(final_path.read_text()))
+            if final:
+                self.recorder.log_metrics(run, final)
+                return True
+        return False
 
     def _upload_folder(self, trial: Any, run: str) -> None:
         folder = self._info(trial).output_dir
@@ -599,6 +685,7 @@ def _trial_recorder_class() -> type:
         """
 
     TrialRecorder.__module__ = __name__
+    TrialRecorder.__qualname__ = "TrialRecorder"
     return TrialRecorder
 
 
@@ -629,8 +716,8 @@ def start_server(port: int, host: str = "127.0.0.1", backend_uri: str = DEFAULT_
     """Start ``mlflow server`` (one worker, no job runner) and wait until ``/health`` answers.
 
     The server runs under this interpreter (``sys.executable -m mlflow server``) with artifacts proxied to
-    ``artifacts_dir`` (default: ``mlartifacts/`` next to a SQLite database). Output goes to ``log_file``
-    when given, else to this process's terminal. Returns the process and the server's URL; raises
+    ``artifacts_dir`` (default: ``mlartifacts/`` next to a SQLite database). Its output goes to ``log_file``
+    when given, else to this process's standard error (standard output stays for the URLs). Returns the process and the server's URL; raises
     RuntimeError (and stops the process) when it does not become healthy within ``timeout_s`` (≤ 60 s).
     """
     backend_uri = normalize_tracking_uri(backend_uri)
@@ -645,8 +732,8 @@ def start_server(port: int, host: str = "127.0.0.1", backend_uri: str = DEFAULT_
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     log_handle = open(log_file, "ab") if log_file is not None else None
     try:
-        process = subprocess.Popen(command, env=env, stdout=log_handle, stderr=subprocess.STDOUT if log_handle else None,
-                                   start_new_session=True)
+        process = subprocess.Popen(command, env=env, stdout=log_handle or sys.__stderr__.fileno(),
+                                   stderr=subprocess.STDOUT, start_new_session=True)
     finally:
         if log_handle is not None:
             log_handle.close()

@@ -69,6 +69,7 @@ def write_run_folder(folder: Path, epochs: int = EPOCHS, final: bool = True, see
     with open(folder / "metrics.jsonl", "w") as handle:
         for epoch in range(epochs):
             row = {"epoch": epoch, "lr": 0.05 / (epoch + 1), "images_per_s": 1000.0 + epoch, "epoch_time_s": 1.5,
+                   "epoch_started_at": 1.7e9 + epoch, "pgd20_best_so_far": 20.0 + 5 * epoch + seed,
                    "loss": 2.0 - 0.5 * epoch, "loss_kd": 1.0 - 0.2 * epoch, "loss_contrast": 0.5,
                    "clean_acc": 40.0 + 10 * epoch + seed, "pgd20_acc": 20.0 + 5 * epoch + seed}
             handle.write(json.dumps(row) + "\n")
@@ -81,6 +82,11 @@ def write_run_folder(folder: Path, epochs: int = EPOCHS, final: bool = True, see
             "best_epoch": epochs - 1,
         }))
     return cfg
+
+
+def test_unreachable_server_is_a_clear_error() -> None:
+    with pytest.raises(ConnectionError, match="does not answer.*sqlite:///mlflow.db"):
+        Recorder(TrackingConfig(uri=f"http://127.0.0.1:{free_port()}"), "nowhere")
 
 
 def test_import_is_cheap() -> None:
@@ -185,10 +191,13 @@ def _write_concurrently(uri: str, worker: int, runs: int, epochs: int) -> None:
             recorder.finish(run, "finished")
 
 
-def test_sqlite_two_concurrent_writers_and_a_failed_run(sqlite_uri: str, tmp_path: Path) -> None:
-    runs, epochs = 4, 15
+def test_sqlite_two_concurrent_writers_and_a_failed_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both processes open a store that does not exist yet (so they race on MLflow's schema creation and on
+    creating the experiment), then write runs at the same time."""
+    monkeypatch.chdir(tmp_path)
+    runs, epochs = 3, 8
     context = multiprocessing.get_context("spawn")
-    uri = normalize_tracking_uri(sqlite_uri)
+    uri = normalize_tracking_uri("sqlite:///mlflow.db")
     workers = [context.Process(target=_write_concurrently, args=(uri, worker, runs, epochs)) for worker in (0, 1)]
     for process in workers:
         process.start()
@@ -222,7 +231,7 @@ def test_log_finished_run_from_a_run_folder(sqlite_uri: str, tmp_path: Path) -> 
     write_run_folder(stopped, epochs=2, final=False)
     stopped_id = log_finished_run(recorder, cfg, stopped, "train-stopped", {})
 
-    client = MlflowClient(tracking_uri=sqlite_uri)
+    client = MlflowClient(tracking_uri=normalize_tracking_uri(sqlite_uri))
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["status"] == "finished"
     assert run.data.tags["run_kind"] == "train" and "mlflow.parentRunId" not in run.data.tags
@@ -233,6 +242,7 @@ def test_log_finished_run_from_a_run_folder(sqlite_uri: str, tmp_path: Path) -> 
     assert [p.value for p in history["clean_acc"]] == [40.0, 50.0, 60.0]
     assert run.data.metrics["best_clean_acc"] == 60.0 and run.data.metrics["best_epoch"] == 2.0
     assert run.data.metrics["last_pgd20_acc"] == 29.0 and run.data.metrics["best_n_eval"] == 64.0
+    assert "epoch_started_at" not in run.data.metrics and run.data.metrics["pgd20_best_so_far"] == 30.0
     assert {item.path for item in client.list_artifacts(run_id)} == RUN_FILES
     stored = Path(run.info.artifact_uri.removeprefix("file://"))
     assert stored.is_relative_to(tmp_path / "mlartifacts" / "train-runs")
@@ -289,7 +299,7 @@ def test_trial_recorder_hooks_with_real_trials(sqlite_uri: str, tmp_path: Path) 
     broken.run_metadata.error_filename = "error.txt"
     callback.on_trial_error(iteration=1, trials=[], trial=broken)
 
-    client = MlflowClient(tracking_uri=sqlite_uri)
+    client = MlflowClient(tracking_uri=normalize_tracking_uri(sqlite_uri))
     runs = {run.data.tags["trial_id"]: run for run in
             client.search_runs([recorder.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")}
     assert set(runs) == {"done", "stopped", "broken"}
@@ -301,13 +311,41 @@ def test_trial_recorder_hooks_with_real_trials(sqlite_uri: str, tmp_path: Path) 
     assert runs["stopped"].data.tags["status"] == "stopped_early"
     assert "after epoch 0" in runs["stopped"].data.tags["status_reason"]
     assert runs["broken"].info.status == "FAILED" and runs["broken"].data.tags["status"] == "failed"
-    assert "RuntimeError: boom" in runs["broken"].data.tags["status_reason"]
+    assert runs["broken"].data.tags["status_reason"].startswith("RuntimeError: boom\n\nFailure # 1\n")
     assert runs["broken"].data.params["sampled.method.temperature"] == "3.0"
 
-    resumed = TrialRecorder(recorder, parent, describe)
-    resumed.on_trial_start(iteration=0, trials=[], trial=_trial(tmp_path / "tune", "stopped", {"t": 2.0}))
+    import ray.cloudpickle
+
+    resumed = ray.cloudpickle.loads(ray.cloudpickle.dumps(TrialRecorder(recorder, parent, describe)))
+    assert type(resumed) is TrialRecorder
+    restored = _trial(tmp_path / "tune", "stopped", {"t": 2.0})
+    resumed.on_trial_start(iteration=0, trials=[], trial=restored)
     assert resumed.runs["stopped"] == runs["stopped"].info.run_id
+    assert client.get_run(runs["stopped"].info.run_id).info.status == "RUNNING"
+    for epoch in (0, 1):
+        resumed.on_trial_result(iteration=epoch, trials=[], trial=restored, result={"epoch": epoch, "pgd20_acc": 6.0})
+    assert [p.step for p in client.get_metric_history(runs["stopped"].info.run_id, "pgd20_acc")] == [0, 1]
+    write_run_folder(tmp_path / "trials" / "stopped", epochs=2)
+    resumed.on_trial_complete(iteration=2, trials=[], trial=restored)
+    finished = client.get_run(runs["stopped"].info.run_id)
+    assert finished.data.tags["status"] == "finished" and "status_reason" not in finished.data.tags
+    assert finished.data.metrics["best_pgd20_acc"] == 30.0
     assert len(client.search_runs([recorder.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")) == 3
+
+
+def test_serve_ui_warns_on_a_public_bind_and_refuses_a_busy_port(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from crdnd_ray.tracking import serve_ui
+
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = serve_ui(port=port, host="0.0.0.0", tracking_uri=f"sqlite:///{tmp_path / 'ui.db'}")
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "Warning: binding the MLflow UI to 0.0.0.0 exposes every run" in captured.err
+    assert f"cannot listen on 0.0.0.0:{port}" in captured.err and "--port" in captured.err
+    assert not (tmp_path / "ui.db").exists()
 
 
 def test_serve_ui_prints_urls_and_stops_on_ctrl_c(sqlite_uri: str, tmp_path: Path) -> None:
@@ -339,7 +377,11 @@ def test_serve_ui_prints_urls_and_stops_on_ctrl_c(sqlite_uri: str, tmp_path: Pat
             pytest.fail("the MLflow server still listens after Ctrl-C")
     finally:
         if process.poll() is None:
-            process.kill()
-            process.wait()
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
     assert not (tmp_path / "mlruns").exists()
     assert os.path.exists(tmp_path / "mlflow.db")

@@ -6,13 +6,17 @@ Also owns starting or joining Ray (``init_ray``) and sizing resource requests fr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from crdnd_ray.config import RunConfig, ScalingConfig
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "ResourceError",
@@ -22,6 +26,7 @@ __all__ = [
     "plan_resources",
     "run_distributed",
     "worker_loop",
+    "wrap_data_parallel",
 ]
 
 TRIAL_CPU = 0.01
@@ -131,12 +136,29 @@ def _describe(cluster: dict[str, float]) -> str:
     return ", ".join(f"{value:g} {key}" for key, value in shown.items()) or "no resources"
 
 
+def wrap_data_parallel(module: torch.nn.Module, device: torch.device, world_size: int) -> torch.nn.Module:
+    """The loop's ``wrap`` on a Ray Train worker: DistributedDataParallel over the default process group.
+
+    With one rank the module is returned as is. Tests wrap a distiller with this same function.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    if world_size == 1:
+        return module
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=device_ids)
+
+
 def worker_loop(config: dict[str, Any]) -> None:
-    """``train_loop_per_worker``: run ``engine.loop`` on this rank and report every epoch to Ray Train."""
+    """``train_loop_per_worker``: run ``engine.loop`` on this rank and report every epoch to Ray Train.
+
+    After a worker failure Ray restarts the group with the last reported checkpoint, read in place
+    (``as_directory``: no copy when the storage is local, a temporary copy removed afterwards otherwise).
+    """
+    import functools
+
     import ray.train
     import ray.train.torch
-    import torch
-    from torch.nn.parallel import DistributedDataParallel
 
     from crdnd_ray.engine.loop import LoopContext, run_training
     from crdnd_ray.teachers import load_teacher
@@ -146,37 +168,49 @@ def worker_loop(config: dict[str, Any]) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     output_dir = Path(config["output_dir"])
-    resume_from = Path(config["resume_from"]) if config.get("resume_from") else None
-    restored = ray.train.get_checkpoint()
-    if restored is not None:
-        resume_from = Path(restored.to_directory())
     teacher = load_teacher(cfg, Path(config["teacher_path"])).to(device) if config.get("teacher_path") else None
-
-    def wrap(module: torch.nn.Module) -> torch.nn.Module:
-        if world_size == 1:
-            return module
-        device_ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(module, device_ids=device_ids)
 
     def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint, delete_local_checkpoint_after_upload=False)
 
-    run_training(cfg, output_dir, teacher, LoopContext(
-        rank=rank, world_size=world_size, device=device, wrap=wrap, report=report, resume_from=resume_from,
-        on_epoch_start=_fault_injector(config, output_dir, rank),
-    ))
+    with contextlib.ExitStack() as stack:
+        resume_from = Path(config["resume_from"]) if config.get("resume_from") else None
+        restored = ray.train.get_checkpoint()
+        if restored is not None:
+            resume_from = Path(stack.enter_context(restored.as_directory()))
+        run_training(cfg, output_dir, teacher, LoopContext(
+            rank=rank, world_size=world_size, device=device, report=report, resume_from=resume_from,
+            wrap=functools.partial(wrap_data_parallel, device=device, world_size=world_size),
+            on_epoch_start=_fault_injector(config, output_dir, rank),
+        ))
 
 
 def _fault_injector(config: dict[str, Any], output_dir: Path, rank: int) -> Callable[[int], None] | None:
-    """Kill this worker process once at ``config['kill_rank_at_epoch'] = (rank, epoch)`` (for fault tests)."""
+    """Kill one worker process once at ``config['kill_rank_at_epoch'] = (rank, epoch)`` (for fault tests).
+
+    ``ray.train.report`` returns once the report is queued in the worker, before the controller has
+    collected it, and a report still queued in a dead worker is lost. So at the chosen epoch every rank
+    first waits until the controller has taken its previous report, then all ranks meet at a barrier,
+    and only then does the chosen rank exit: the failure always comes after the last checkpoint is
+    registered, so the restart must resume from it.
+    """
     target = config.get("kill_rank_at_epoch")
     if not target:
         return None
+    victim, kill_epoch = target
     marker = output_dir / ".fault-injected"
 
     def maybe_die(epoch: int) -> None:
-        if (rank, epoch) == tuple(target) and not marker.exists():
+        if epoch != kill_epoch or marker.exists():
+            return
+        import torch.distributed as dist
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        get_train_context().get_result_queue().join()
+        if dist.is_initialized():
+            dist.barrier()
+        if rank == victim:
             marker.write_text(f"rank {rank} killed at epoch {epoch}\n")
             os._exit(1)
 

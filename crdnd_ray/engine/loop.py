@@ -4,7 +4,8 @@ Plain PyTorch; no Ray and no MLflow. Where it runs (in-process, a Ray Tune trial
 described by a :class:`LoopContext`: rank, world size, device, how to wrap the model for data parallelism,
 and a ``report`` callback that receives each epoch's metrics and the folder of that epoch's checkpoint.
 Under ``torch.distributed`` every rank evaluates a shard and the counts are all-reduced, so every rank
-reports identical metrics.
+reports identical metrics; timings are the slowest rank's (``epoch_time_s``, and ``epoch_started_at``,
+the Unix time at which the last rank started training the epoch).
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from crdnd_ray import attacks
 from crdnd_ray.checkpoints import save_model, unwrap
-from crdnd_ray.config import RunConfig
+from crdnd_ray.config import ConfigError, RunConfig
 from crdnd_ray.data import build_datasets
 from crdnd_ray.methods import build_distiller
 from crdnd_ray.models import build_model
@@ -92,6 +93,12 @@ def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def _all_reduce_max(values: torch.Tensor) -> torch.Tensor:
+    if _distributed():
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
+
+
 def _shard(dataset: Dataset, limit: int | None, rank: int, world_size: int) -> Subset:
     total = len(dataset) if limit is None else min(limit, len(dataset))
     return Subset(dataset, range(rank, total, world_size))
@@ -134,19 +141,17 @@ def _lr_factor(cfg: RunConfig) -> Callable[[int], float]:
     return factor
 
 
-def _train_loader(dataset: Dataset, cfg: RunConfig, context: LoopContext) -> tuple[DataLoader, Any]:
+def _train_loader(dataset: Dataset, cfg: RunConfig, context: LoopContext) -> tuple[DataLoader, DistributedSampler]:
     per_worker = cfg.data.batch_size // context.world_size
     if per_worker < 1 or cfg.data.batch_size % context.world_size:
         raise ValueError(
             f"data.batch_size={cfg.data.batch_size} is the global batch and must split evenly over "
             f"{context.world_size} workers; choose a multiple of {context.world_size}."
         )
-    if context.world_size > 1:
-        sampler = DistributedSampler(dataset, num_replicas=context.world_size, rank=context.rank,
-                                     shuffle=True, seed=cfg.experiment.seed, drop_last=True)
-    else:
-        generator = torch.Generator().manual_seed(cfg.experiment.seed)
-        sampler = RandomSampler(dataset, generator=generator)
+    # One process too shuffles with the sampler seeded by (seed, epoch): a resumed run then sees the
+    # same data order as one that was never interrupted.
+    sampler = DistributedSampler(dataset, num_replicas=context.world_size, rank=context.rank,
+                                 shuffle=True, seed=cfg.experiment.seed, drop_last=True)
     loader = DataLoader(dataset, batch_size=per_worker, sampler=sampler, drop_last=True,
                         num_workers=cfg.data.loader_workers, pin_memory=cfg.train.pin_memory,
                         persistent_workers=cfg.data.loader_workers > 0)
@@ -167,14 +172,23 @@ def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1], "python": random.getstate()[1]}
+    """Every random stream of this process, in types that ``torch.load(weights_only=True)`` accepts."""
+    _, key, position, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+            "numpy": [torch.from_numpy(key.astype(np.int64)), int(position), int(has_gauss), float(cached_gaussian)],
+            "python": [version, list(internal), gauss_next]}
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    numpy_state = np.random.get_state()
-    np.random.set_state((numpy_state[0], np.asarray(state["numpy"], dtype=np.uint32), 624, 0, 0.0))
-    random.setstate((3, tuple(int(v) for v in state["python"]), None))
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    key, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state(("MT19937", key.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
 
 
 def run_training(cfg: RunConfig, output_dir: Path, teacher: nn.Module | None,
@@ -187,6 +201,11 @@ def run_training(cfg: RunConfig, output_dir: Path, teacher: nn.Module | None,
     """
     context = context or LoopContext()
     device = context.device
+    if cfg.scaling.sync_batchnorm and context.world_size > 1 and device.type == "cpu":
+        raise ConfigError(
+            "scaling.sync_batchnorm needs GPU workers: PyTorch's SyncBatchNorm does not run on CPU tensors. "
+            "Set scaling.sync_batchnorm: false for CPU workers, or scaling.use_gpu: true on a cluster with GPUs."
+        )
     output_dir = Path(output_dir)
     is_main = context.rank == 0
     if is_main:
@@ -232,10 +251,10 @@ def run_training(cfg: RunConfig, output_dir: Path, teacher: nn.Module | None,
             context.on_epoch_start(epoch)
         distiller.train()
         distiller.set_epoch(epoch)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
+        sampler.set_epoch(epoch)
         sums: dict[str, torch.Tensor] = {}
         seen = 0
+        started_at = time.time()
         started = time.perf_counter()
         for step, (images, labels) in enumerate(loader):
             if cfg.train.max_steps_per_epoch is not None and step >= cfg.train.max_steps_per_epoch:
@@ -257,14 +276,16 @@ def run_training(cfg: RunConfig, output_dir: Path, teacher: nn.Module | None,
                 sums[name] = sums.get(name, 0.0) + value.detach().float() * batch
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - started
+        timing = _all_reduce_max(torch.tensor([time.perf_counter() - started, started_at], dtype=torch.float64,
+                                              device=device))
+        elapsed, started_at = float(timing[0]), float(timing[1])
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         names = sorted(sums)
         totals = _all_reduce_sum(torch.stack([sums[n] for n in names] + [torch.tensor(float(seen), device=device)]))
         global_seen = float(totals[-1])
         row: dict[str, Any] = {"epoch": epoch, "lr": lr, "images_per_s": global_seen / max(elapsed, 1e-9),
-                               "epoch_time_s": elapsed}
+                               "epoch_time_s": elapsed, "epoch_started_at": started_at}
         row.update({name: float(totals[i]) / max(global_seen, 1.0) for i, name in enumerate(names)})
         evaluation = evaluate_distributed(unwrap(distiller.student), test_set, cfg.eval.epoch_attacks,
                                           eps=cfg.eval.eps, limit=cfg.eval.epoch_limit,

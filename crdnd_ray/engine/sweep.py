@@ -208,7 +208,8 @@ def run_trials(cfg: RunConfig, folder: Path, *, kind: str, param_space: dict[str
                num_samples: int, max_concurrent: int, metrics: list[str], modes: list[str],
                search_alg: Any = None, scheduler: Any = None, resume: bool = False,
                teacher_path: Path | None = None, printer: Callable[[str], None] = print,
-               parent_params: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], str | None]:
+               parent_params: dict[str, Any] | None = None,
+               extra_callbacks: list[Any] | None = None) -> tuple[list[dict[str, Any]], str | None]:
     """Run trials with Ray Tune and return one row per trial plus the MLflow parent run id.
 
     Each row holds the trial's overrides, status (finished / stopped_early / failed), reason, epochs
@@ -227,7 +228,7 @@ def run_trials(cfg: RunConfig, folder: Path, *, kind: str, param_space: dict[str
     state = _load_state(folder) if resume else {}
     recorder, parent_id = _start_recording(cfg, folder, kind, state, parent_params or {})
     _save_state(folder, {**state, "parent_run_id": parent_id, "kind": kind})
-    callbacks: list[Any] = [_LiveTable(num_samples, metrics, spec, printer)]
+    callbacks: list[Any] = [_LiveTable(num_samples, metrics, spec, printer), *(extra_callbacks or [])]
     if recorder is not None:
         from crdnd_ray.tracking import TrialInfo, TrialRecorder
 
@@ -266,21 +267,31 @@ def run_trials(cfg: RunConfig, folder: Path, *, kind: str, param_space: dict[str
         tuner = Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
     interrupted = False
     try:
-        grid = tuner.fit()
-        trials = [result for result in grid]
+        tuner.fit()
     except KeyboardInterrupt:
         interrupted = True
-        trials = []
     rows = _rows_from_folder(folder, tune_dir / kind, spec)
+    interrupted = interrupted or len(rows) < _expected_trials(param_space, num_samples) or any(
+        row["status"] not in TERMINAL for row in rows)
     if recorder is not None and parent_id is not None and not interrupted:
         recorder.finish(parent_id, "finished")
     printer(f"{kind} {'interrupted' if interrupted else 'done'} in {time.perf_counter() - started:.1f} s "
             f"({len(rows)} trial(s) recorded)")
-    del trials
     if interrupted:
         ray.shutdown()
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt(f"continue it with --resume {folder}")
     return rows, parent_id
+
+
+TERMINAL = ("finished", "stopped_early", "failed")
+
+
+def _expected_trials(param_space: dict[str, Any], num_samples: int) -> int:
+    cells = 1
+    for value in param_space.values():
+        if isinstance(value, dict) and "grid_search" in value:
+            cells *= len(value["grid_search"])
+    return num_samples * cells
 
 
 def _rows_from_folder(folder: Path, experiment_dir: Path, spec: TrialSpec) -> list[dict[str, Any]]:
@@ -349,8 +360,27 @@ def plan_sweep(cfg: RunConfig) -> SweepPlan:
         details={"metric": search.metric, "mode": search.mode, "sampler": search.sampler.model_dump(),
                  "scheduler": search.scheduler.model_dump(),
                  "space": {k: v.model_dump(exclude_none=True) for k, v in search.space.items()},
-                 "cluster": cluster},
+                 "cluster": cluster, "warnings": _plan_warnings(cfg)},
     )
+
+
+def _plan_warnings(cfg: RunConfig) -> list[str]:
+    """Problems a real run would hit that a dry run can see without loading anything."""
+    import os
+
+    from crdnd_ray.data import CIFAR_FOLDERS
+
+    warnings = []
+    if not (cfg.scaling.address or os.environ.get("RAY_ADDRESS")):
+        warnings.append("no Ray cluster connected: resources were planned against this machine's CPUs"
+                        + (" and the GPUs the plan asks for" if cfg.scaling.use_gpu else ""))
+    if cfg.teacher.checkpoint and not Path(cfg.teacher.checkpoint).exists():
+        warnings.append(f"teacher.checkpoint '{cfg.teacher.checkpoint}' does not exist yet")
+    if cfg.data.name in CIFAR_FOLDERS and not cfg.data.download:
+        folder = Path(cfg.data.root) / CIFAR_FOLDERS[cfg.data.name]
+        if not folder.exists():
+            warnings.append(f"the dataset folder '{folder}' does not exist and data.download is false")
+    return warnings
 
 
 def _cluster_for_planning(cfg: RunConfig) -> dict[str, float]:

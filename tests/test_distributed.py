@@ -1,0 +1,298 @@
+"""Tests of data-parallel training (engine.distributed on Ray Train) and of resuming runs.
+
+* Gradient equivalence runs two gloo processes (torch.multiprocessing, no Ray). PyTorch's SyncBatchNorm
+  refuses CPU tensors (the test records its error), so the student's BatchNorm layers run on their
+  running statistics for that step: per-shard batch statistics then cannot differ from the full
+  batch's, and everything else the step does (inner attack, compensation, the contrastive loss's
+  all-gather with gradient, DDP's gradient averaging) is compared exactly as the loop runs it.
+* The Ray tests share the session's local Ray (``ray_session``); one 2-worker run with an injected
+  worker death serves both the fault-tolerance and the identical-metrics tests.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import REPO, small_config
+from torch import nn
+from typer.testing import CliRunner
+
+from crdnd_ray.cli import app, write_resolved_config
+from crdnd_ray.config import RunConfig, ScalingConfig
+from crdnd_ray.data import build_datasets, dataset_info
+from crdnd_ray.engine.distributed import (
+    ResourceError,
+    build_trainer,
+    init_ray,
+    plan_resources,
+    run_distributed,
+    wrap_data_parallel,
+)
+from crdnd_ray.engine.loop import LoopContext, read_final_metrics, read_metrics, run_training
+from crdnd_ray.methods import build_distiller
+from crdnd_ray.models import build_model
+from crdnd_ray.teachers import load_teacher
+
+BATCH = 64
+TIMING = ("images_per_s", "epoch_time_s", "epoch_started_at")
+"""Metric keys that measure time and so differ between two otherwise identical runs."""
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _gradient_config(teacher: Path) -> RunConfig:
+    """CRDND with contrast and confidence compensation; a deterministic inner attack (no random start)."""
+    return small_config(**{
+        "teacher.checkpoint": str(teacher),
+        "method.name": "crdnd",
+        "method.compensation.kind": "confidence",
+        "method.contrastive.kind": "infonce",
+        "method.contrastive.weight": 0.5,
+        "attack.start": "none",
+        "attack.bn_mode": "eval",
+    })
+
+
+def _fixed_batch(cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    train, _, _ = build_datasets(cfg.data)
+    images, labels = zip(*(train[i] for i in range(BATCH)))
+    return torch.stack(images), torch.stack(labels)
+
+
+def _first_step(cfg: RunConfig, images: torch.Tensor, labels: torch.Tensor,
+                world_size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss and the parameter gradients of one training step, built and wrapped as the loop does."""
+    info = dataset_info(cfg.data)
+    torch.manual_seed(cfg.experiment.seed)
+    student = build_model(cfg.student.arch, num_classes=info.num_classes, in_channels=info.in_channels,
+                          **cfg.student.kwargs)
+    teacher = load_teacher(cfg, Path(cfg.teacher.checkpoint))
+    distiller = build_distiller(cfg.method.name, student, teacher, cfg.method, cfg.attack, info.num_classes)
+    distiller.train()
+    for module in distiller.student.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+    trained = wrap_data_parallel(distiller, torch.device("cpu"), world_size)
+    loss, _ = trained(images, labels)
+    loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in distiller.named_parameters() if p.requires_grad}
+    return loss.detach(), grads
+
+
+def _sync_batchnorm_error() -> str:
+    """The error SyncBatchNorm raises on CPU tensors in a gloo process group ('' if it runs)."""
+    layer = nn.SyncBatchNorm(4).train()
+    try:
+        layer(torch.randn(4, 4, 2, 2))
+    except ValueError as error:
+        return str(error)
+    return ""
+
+
+def _gradient_worker(rank: int, world_size: int, port: int, cfg_dict: dict, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        cfg = RunConfig.model_validate(cfg_dict)
+        images, labels = _fixed_batch(cfg)
+        local = slice(rank * BATCH // world_size, (rank + 1) * BATCH // world_size)
+        loss, grads = _first_step(cfg, images[local], labels[local], world_size)
+        dist.all_reduce(loss)
+        sync_error = _sync_batchnorm_error()
+        if rank == 0:
+            torch.save({"loss": loss / world_size, "grads": grads, "sync_error": sync_error}, out)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_give_the_full_batch_gradient(digits_teacher: Path, tmp_path: Path):
+    cfg = _gradient_config(digits_teacher)
+    out = str(tmp_path / "ranks.pt")
+    mp.spawn(_gradient_worker, args=(2, _free_port(), cfg.run_dict(), out), nprocs=2, join=True)
+    distributed = torch.load(out)
+    images, labels = _fixed_batch(cfg)
+    loss, grads = _first_step(cfg, images, labels, world_size=1)
+
+    assert "expected input tensor to be on GPU" in distributed["sync_error"]
+    assert {"extras.contrast.student_head.linear.weight", "extras.contrast.teacher_head.linear.weight"} <= set(grads)
+    torch.testing.assert_close(distributed["loss"], loss, rtol=1e-5, atol=1e-6)
+    assert set(distributed["grads"]) == set(grads)
+    for name, grad in grads.items():
+        assert grad.abs().sum() > 0, f"{name} got no gradient"
+        torch.testing.assert_close(distributed["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_sync_batchnorm_on_cpu_workers_is_a_clear_error(digits_teacher: Path, tmp_path: Path):
+    from crdnd_ray.config import ConfigError
+
+    cfg = small_config(**{"teacher.checkpoint": str(digits_teacher), "scaling.sync_batchnorm": True})
+    with pytest.raises(ConfigError, match="SyncBatchNorm does not run on CPU"):
+        run_training(cfg, tmp_path, None, LoopContext(rank=0, world_size=2))
+
+
+def _record_reports_callback(path: Path):
+    """A Ray Train UserCallback (runs in the controller) that appends every rank's metrics per report."""
+    from ray.train import UserCallback
+
+    class RecordReports(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            with open(path, "a") as file:
+                file.write(json.dumps(metrics) + "\n")
+
+    return RecordReports()
+
+
+@pytest.fixture(scope="module")
+def killed_worker_run(ray_session, digits_teacher: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A 2-worker, 3-epoch run in which rank 1 dies at the start of epoch 1 (``max_failures=1``)."""
+    output = tmp_path_factory.mktemp("killed-worker")
+    reports = output.parent / f"{output.name}-reports.jsonl"
+    cfg = small_config(**{"teacher.checkpoint": str(digits_teacher), "train.epochs": 3,
+                          "scaling.num_workers": 2, "scaling.max_failures": 1})
+    plan = plan_resources(cfg.scaling, init_ray(cfg.scaling))
+    trainer = build_trainer(cfg, output, digits_teacher, plan, name="train",
+                            callbacks=[_record_reports_callback(reports)],
+                            extra_config={"kill_rank_at_epoch": [1, 1]})
+    trainer.fit()
+    return {"output": output, "reports": [json.loads(line) for line in reports.read_text().splitlines()]}
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_from_the_checkpoint(killed_worker_run: dict):
+    output = killed_worker_run["output"]
+    assert (output / ".fault-injected").read_text().startswith("rank 1 killed at epoch 1")
+    assert [row["epoch"] for row in read_metrics(output / "metrics.jsonl")] == [0, 1, 2]
+    # Epoch 0 was reported before the failure; the new group resumed from its checkpoint at epoch 1.
+    reports = [ranks[0] for ranks in killed_worker_run["reports"]]
+    assert [row["epoch"] for row in reports] == [0, 1, 2]
+    assert reports[0]["epoch_started_at"] < (output / ".fault-injected").stat().st_mtime < reports[1]["epoch_started_at"]
+    final = json.loads((output / "final_metrics.json").read_text())
+    assert final["last"]["n_eval"] == 64 and 0 <= final["last"]["pgd20_acc"] <= 100
+
+
+@pytest.mark.slow
+def test_every_rank_reports_identical_metrics(killed_worker_run: dict):
+    reports = killed_worker_run["reports"]
+    assert reports and all(len(ranks) == 2 for ranks in reports)
+    for rank0, rank1 in reports:
+        assert rank0 == rank1
+    assert {"loss", "contrast", "clean_acc", "pgd20_acc", "images_per_s"} <= set(reports[0][0])
+    assert {"best_pgd20_acc", "last_cw_acc"} <= set(reports[-1][0])
+
+
+@pytest.mark.slow
+def test_one_ray_train_worker_matches_the_local_loop(ray_session, digits_teacher: Path, tmp_path: Path):
+    cfg = small_config(**{"teacher.checkpoint": str(digits_teacher), "scaling.in_process_single_worker": False})
+    run_training(cfg, tmp_path / "local", load_teacher(cfg, digits_teacher), LoopContext())
+    run_distributed(cfg, tmp_path / "ray", digits_teacher)
+
+    local, remote = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("local", "ray"))
+    assert [row["epoch"] for row in remote] == [row["epoch"] for row in local] == [0, 1]
+    for mine, theirs in zip(local, remote):
+        assert set(mine) == set(theirs)
+        for key in set(mine) - set(TIMING):
+            assert theirs[key] == pytest.approx(mine[key], rel=1e-5, abs=1e-6), key
+    assert read_final_metrics(tmp_path / "ray") == pytest.approx(read_final_metrics(tmp_path / "local"))
+
+
+def test_impossible_requests_are_refused_at_once():
+    cluster = {"CPU": 2.0, "memory": 8e9}
+    with pytest.raises(ResourceError, match=r"asks for 8.01 CPU \(8 worker\(s\) × 1 plus .*only 2 CPU"):
+        plan_resources(ScalingConfig(num_workers=8, resources_per_worker={"CPU": 1}), cluster)
+    with pytest.raises(ResourceError, match="use_gpu is true but the Ray cluster has no GPU"):
+        plan_resources(ScalingConfig(use_gpu=True), cluster)
+    with pytest.raises(ResourceError, match="cannot share GPUs"):
+        plan_resources(ScalingConfig(num_workers=2, use_gpu=True, resources_per_worker={"CPU": 1, "GPU": 0.5}),
+                       {"CPU": 8.0, "GPU": 1.0})
+
+
+@pytest.mark.slow
+def test_cli_reports_an_impossible_request_with_exit_code_2(ray_session, digits_teacher: Path, tmp_path: Path):
+    cpus = ray_session.cluster_resources()["CPU"]
+    started = time.perf_counter()
+    result = CliRunner().invoke(app, [
+        "train", str(REPO / "search_spaces" / "digits.yaml"), "--output", str(tmp_path / "run"), "--workers", "8",
+        "--set", "tracking.enabled=false", "--set", f"teacher.checkpoint={digits_teacher}",
+        "--set", "scaling.resources_per_worker={CPU: 1}",
+    ])
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert "error:" in message and "asks for 8.01 CPU" in message and f"only {cpus:g} CPU" in message
+    assert "Traceback" not in result.output
+    assert time.perf_counter() - started < 30
+
+    result = CliRunner().invoke(app, [
+        "train", str(REPO / "search_spaces" / "digits.yaml"), "--output", str(tmp_path / "gpu"),
+        "--set", "tracking.enabled=false", "--set", f"teacher.checkpoint={digits_teacher}",
+        "--set", "scaling.use_gpu=true", "--set", "scaling.in_process_single_worker=false",
+    ])
+    assert result.exit_code == 2, result.output
+    assert "has no GPU" in " ".join(result.output.split())
+
+
+def test_resume_continues_an_interrupted_local_run(digits_teacher: Path, tmp_path: Path):
+    cfg = small_config(**{"teacher.checkpoint": str(digits_teacher), "train.epochs": 4})
+    teacher = load_teacher(cfg, digits_teacher)
+    straight = tmp_path / "straight"
+    run_training(cfg, straight, teacher, LoopContext())
+
+    interrupted = tmp_path / "interrupted"
+    interrupted.mkdir()
+    write_resolved_config(cfg, interrupted)
+
+    def interrupt(epoch: int) -> None:
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg, interrupted, teacher, LoopContext(on_epoch_start=interrupt))
+    assert [row["epoch"] for row in read_metrics(interrupted / "metrics.jsonl")] == [0, 1]
+    assert not (interrupted / "final_metrics.json").exists()
+
+    result = CliRunner().invoke(app, ["train", "--resume", str(interrupted)])
+    assert result.exit_code == 0, result.output
+    resumed = read_metrics(interrupted / "metrics.jsonl")
+    assert [row["epoch"] for row in resumed] == [0, 1, 2, 3]
+    # The resumed run continues exactly where the interrupted one stopped (model, optimiser, schedule,
+    # RNG and data order), so it matches the run that was never interrupted.
+    for mine, theirs in zip(read_metrics(straight / "metrics.jsonl"), resumed):
+        assert {k: v for k, v in theirs.items() if k not in TIMING} == pytest.approx(
+            {k: v for k, v in mine.items() if k not in TIMING}, rel=1e-6)
+    assert read_final_metrics(interrupted) == pytest.approx(read_final_metrics(straight))
+
+
+@pytest.mark.slow
+def test_a_two_worker_cli_run_writes_nothing_outside_its_output_folder(digits_teacher: Path, tmp_path: Path):
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("RAY_", "TUNE_"))}
+    env["HOME"] = str(home)
+    command = [
+        str(Path(sys.executable).with_name("crdnd-ray")), "train", str(REPO / "search_spaces" / "digits.yaml"),
+        "--workers", "2", "--output", "out", "--set", "tracking.enabled=false", "--set", "train.epochs=1",
+        "--set", f"teacher.checkpoint={digits_teacher}", "--set", "eval.epoch_limit=64",
+        "--set", "eval.final_limit=64", "--set", "attack.steps=3",
+    ]
+    done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not (home / "ray_results").exists() and not (home / ".ray").exists(), sorted(os.listdir(home))
+    assert sorted(os.listdir(work)) == ["out"]
+    assert (work / "out" / "final_metrics.json").exists() and (work / "out" / "ray_train").is_dir()

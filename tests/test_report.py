@@ -1,0 +1,236 @@
+"""Tests of ``crdnd_ray.report``: tables from a real SQLite MLflow store match what was recorded, every table
+format reads back, the Pareto mask on a hand example, and every plot is a non-empty PNG."""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pd = pytest.importorskip("pandas")
+pytest.importorskip("mlflow")
+
+import pyarrow.parquet as pq  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+
+from crdnd_ray import report  # noqa: E402
+from crdnd_ray.config import TrackingConfig  # noqa: E402
+from crdnd_ray.tracking import Recorder, normalize_tracking_uri  # noqa: E402
+
+PNG = b"\x89PNG\r\n\x1a\n"
+EXPERIMENT = "report-exp"
+TRIALS = [  # (temperature, compensation kind, final metrics or None when stopped early)
+    (1.0, "none", {"best_clean_acc": 70.0, "best_pgd20_acc": 30.0, "best_cw_acc": 28.0}),
+    (2.0, "confidence", {"best_clean_acc": 65.0, "best_pgd20_acc": 35.0, "best_cw_acc": 33.0}),
+    (4.0, "transition", None),
+    (3.0, "confidence", {"best_clean_acc": 60.0, "best_pgd20_acc": 33.0, "best_cw_acc": 31.0}),
+]
+
+
+def assert_png(path: Path) -> None:
+    data = Path(path).read_bytes()
+    assert data[:8] == PNG and len(data) > 2000, path
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A SQLite store with an older ablation parent, a sweep parent with four trials (one stopped early)
+    and a top-level training run; plus a second experiment holding only top-level runs."""
+    folder = tmp_path_factory.mktemp("store")
+    uri = normalize_tracking_uri(f"sqlite:///{folder / 'mlflow.db'}")
+    recorder = Recorder(TrackingConfig(uri=uri), EXPERIMENT)
+    ablation = recorder.start_parent("ablation", "old-ablation", {"ablation.seeds": [0]}, {})
+    child = recorder.start_run("abl-0", {"method.name": "crdnd"}, {"variant": "full", "seed": 0},
+                               parent_run_id=ablation)
+    recorder.log_metrics(child, {"best_pgd20_acc": 1.0})
+    recorder.finish(child, "finished")
+    recorder.finish(ablation, "finished")
+    time.sleep(0.02)
+    sweep = recorder.start_parent("sweep", "sweep-1", {"search.num_samples": len(TRIALS)}, {})
+    children = []
+    for index, (temperature, kind, final) in enumerate(TRIALS):
+        sampled = {"method.temperature": temperature, "method.compensation.kind": kind}
+        params = {"method.name": "crdnd", "train.epochs": 3, "train.lr": 0.05, "experiment.seed": index, **sampled}
+        run = recorder.start_run(f"trial-{index}", params, {"trial_id": f"t{index}"}, parent_run_id=sweep,
+                                 sampled=sampled)
+        epochs = 3 if final else 1
+        for epoch in range(epochs):
+            recorder.log_epoch(run, {"epoch": epoch, "loss": 2.0 - epoch * 0.3 + index, "clean_acc": 50.0 + epoch + index,
+                                     "pgd20_acc": 20.0 + epoch + index, "lr": 0.05}, step=epoch)
+        if final:
+            recorder.log_metrics(run, final)
+            recorder.finish(run, "finished")
+        else:
+            recorder.finish(run, "stopped_early", "The scheduler stopped the trial after epoch 0.")
+        children.append(run)
+        time.sleep(0.005)
+    recorder.finish(sweep, "finished")
+    single = recorder.start_run("train-0", {"method.name": "rslad"}, {})
+    recorder.log_metrics(single, {"best_pgd20_acc": 40.0})
+    recorder.finish(single, "finished")
+
+    other = Recorder(TrackingConfig(uri=uri), "plain-train")
+    plain = []
+    for index in range(2):
+        run = other.start_run(f"train-{index}", {"method.name": ["rslad", "crdnd"][index], "train.lr": 0.1}, {})
+        other.log_metrics(run, {"best_clean_acc": 50.0 + index, "best_pgd20_acc": 25.0 + index})
+        other.finish(run, "finished")
+        plain.append(run)
+    return {"uri": uri, "folder": folder, "sweep": sweep, "ablation": ablation, "children": children,
+            "single": single, "plain": plain}
+
+
+def test_runs_frame_matches_the_store(store: dict) -> None:
+    frame = report.runs_frame(store["uri"], EXPERIMENT, parent_run_id=store["sweep"])
+    assert list(frame["run_id"]) == store["children"]
+    assert list(frame.columns[:5]) == ["run_id", "run_name", "status", "method.compensation.kind", "method.temperature"]
+    assert frame.attrs["sampled"] == ["method.compensation.kind", "method.temperature"]
+    assert "experiment.seed" in frame.columns and "train.lr" not in frame.columns
+    client = MlflowClient(tracking_uri=store["uri"])
+    for row in frame.to_dict("records"):
+        run = client.get_run(row["run_id"])
+        assert row["run_name"] == run.info.run_name
+        assert row["status"] == run.data.tags["status"]
+        assert row["method.temperature"] == float(run.data.params["sampled.method.temperature"])
+        assert row["method.compensation.kind"] == run.data.params["method.compensation.kind"]
+        for metric in frame.attrs["metrics"]:
+            if metric in run.data.metrics:
+                assert row[metric] == run.data.metrics[metric], metric
+            else:
+                assert pd.isna(row[metric]), metric
+    assert frame.attrs["metrics"] == ["best_clean_acc", "best_pgd20_acc", "best_cw_acc", "clean_acc", "pgd20_acc",
+                                      "epoch"]
+    assert list(frame["status"]) == ["finished", "finished", "stopped_early", "finished"]
+    assert list(frame["epoch"]) == [2.0, 2.0, 0.0, 2.0]
+
+    chosen = report.runs_frame(store["uri"], EXPERIMENT, parent_run_id=store["sweep"], metrics=["loss", "best_cw_acc"])
+    assert list(chosen.columns[-2:]) == ["loss", "best_cw_acc"]
+    with pytest.raises(ValueError, match="'nope' were not recorded.*Recorded metrics are: .*best_clean_acc"):
+        report.runs_frame(store["uri"], EXPERIMENT, parent_run_id=store["sweep"], metrics=["nope"])
+    top = report.runs_frame(store["uri"], EXPERIMENT, top_level=True)
+    assert set(top["run_id"]) == {store["sweep"], store["ablation"], store["single"]}
+
+
+def _printed_csv(text: str) -> pd.DataFrame:
+    table = text.split("\n\n", 1)[0]
+    return pd.read_csv(io.StringIO(table))
+
+
+def test_report_command_prints_the_latest_sweep_and_writes_files(store: dict, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.chdir(tmp_path)
+    expected = report.runs_frame(store["uri"], EXPERIMENT, parent_run_id=store["sweep"])
+    report.report_command(EXPERIMENT, None, None, "csv", None, store["uri"])
+    printed = capsys.readouterr().out
+    shown = _printed_csv(printed)
+    assert list(shown["run_id"]) == list(expected["run_id"])
+    pd.testing.assert_frame_equal(shown, expected, check_dtype=False, check_exact=False)
+    for name in ("history.png", "params.png", "pareto.png"):
+        assert_png(tmp_path / "report" / name)
+        assert f"wrote {Path('report') / name}" in printed
+    assert not (tmp_path / "mlruns").exists()
+
+    output = tmp_path / "out" / "sweep.parquet"
+    report.report_command(EXPERIMENT, store["sweep"], ["best_pgd20_acc", "best_clean_acc"], "table", output,
+                          store["uri"])
+    printed = capsys.readouterr().out
+    assert "sweep sweep-1" in printed and store["children"][0] in printed
+    chosen = report.runs_frame(store["uri"], EXPERIMENT, parent_run_id=store["sweep"],
+                               metrics=["best_pgd20_acc", "best_clean_acc"])
+    pd.testing.assert_frame_equal(pq.read_table(output).to_pandas(), chosen)
+    for suffix in ("history", "params", "pareto"):
+        assert_png(tmp_path / "out" / f"sweep_{suffix}.png")
+
+    report.report_command(EXPERIMENT, store["single"], None, "md", tmp_path / "single.md", store["uri"])
+    lines = (tmp_path / "single.md").read_text().splitlines()
+    assert len(lines) == 3 and store["single"] in lines[2]
+
+
+def test_report_command_falls_back_to_top_level_runs(store: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.chdir(tmp_path)
+    report.report_command("plain-train", None, None, "csv", None, store["uri"])
+    shown = _printed_csv(capsys.readouterr().out)
+    assert list(shown["run_id"]) == store["plain"]
+    assert list(shown["method.name"]) == ["rslad", "crdnd"]
+    assert list(shown["best_pgd20_acc"]) == [25.0, 26.0]
+
+
+def test_report_command_errors(store: dict, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"no experiment named 'missing'.*Existing experiments: plain-train, report-exp\."):
+        report.report_command("missing", None, None, "table", None, store["uri"])
+    with pytest.raises(ValueError, match="There is no run with id 'deadbeef'"):
+        report.report_command(EXPERIMENT, "deadbeef", None, "table", None, store["uri"])
+    with pytest.raises(ValueError, match="belongs to another experiment"):
+        report.report_command("plain-train", store["sweep"], None, "table", None, store["uri"])
+    with pytest.raises(ValueError, match="There is no MLflow database"):
+        report.report_command(EXPERIMENT, None, None, "table", None, f"sqlite:///{tmp_path / 'absent.db'}")
+    assert not (tmp_path / "absent.db").exists()
+    with pytest.raises(ValueError, match="not one of"):
+        report.report_command(EXPERIMENT, None, None, "xlsx", None, store["uri"])
+
+
+def test_every_table_format_reads_back(store: dict, tmp_path: Path) -> None:
+    frame = report.runs_frame(store["uri"], EXPERIMENT, parent_run_id=store["sweep"])
+    parquet = report.write_table(frame, tmp_path / "t.parquet")
+    pd.testing.assert_frame_equal(pq.read_table(parquet).to_pandas(), frame)
+    csv = report.write_table(frame, tmp_path / "t.csv")
+    pd.testing.assert_frame_equal(pd.read_csv(csv), frame, check_dtype=False)
+    markdown = report.write_table(frame, tmp_path / "t.md").read_text().splitlines()
+    assert len(markdown) == len(frame) + 2
+    assert [cell.strip() for cell in markdown[0].strip("|").split("|")] == list(frame.columns)
+    assert markdown[1].count("---:") == sum(report._is_numeric(frame, c) for c in frame.columns)
+    assert "| trial-2 | stopped_early | transition | 4 | 2 |  |  |  | 52 | 22 | 0 |" in markdown[4]
+    assert report.format_table(frame, "md") == report.markdown_table(frame)
+    assert report.format_table(frame, "csv") == frame.to_csv(index=False)
+    text = report.format_table(frame, "table", title="sweep")
+    assert all(run_id in text for run_id in frame["run_id"]) and "stopped_early" in text
+    with pytest.raises(ValueError, match=r"\.csv, \.parquet or \.md"):
+        report.write_table(frame, tmp_path / "t.xlsx")
+
+    mixed = pd.DataFrame({"a": [1, "x", None], "b": [{"k": 1}, [1, 2], 3.5]})
+    back = pq.read_table(report.write_table(mixed, tmp_path / "mixed.parquet")).to_pandas()
+    assert list(back["a"][:2]) == ["1", "x"] and pd.isna(back["a"][2])
+    assert list(back["b"]) == ["{'k': 1}", "[1, 2]", "3.5"]
+
+
+def test_pareto_mask_hand_example() -> None:
+    points = np.array([[1.0, 1.0], [2.0, 0.0], [0.0, 2.0], [0.5, 0.5], [2.0, 0.0], [np.nan, 3.0], [1.0, 0.5]])
+    assert report.pareto_mask(points, ["max", "max"]).tolist() == [True, True, True, False, True, False, False]
+    assert report.pareto_mask(points, ["max", "min"]).tolist() == [False, True, False, False, True, False, False]
+    assert report.pareto_mask(points, ["min", "min"]).tolist() == [False, True, True, True, True, False, False]
+    assert report.pareto_mask(np.array([3.0, 1.0, 3.0]), ["max"]).tolist() == [True, False, True]
+    assert report.pareto_mask(np.zeros((0, 2)), ["max", "max"]).tolist() == []
+    with pytest.raises(ValueError, match="one mode per column"):
+        report.pareto_mask(points, ["max"])
+    with pytest.raises(ValueError, match="'max' or 'min'"):
+        report.pareto_mask(points, ["max", "up"])
+
+
+def test_curve_keys_split_losses_from_accuracies() -> None:
+    row = ["epoch", "lr", "images_per_s", "epoch_time_s", "epoch_started_at", "adv_acc", "contrast", "kd_adv", "kd_nat",
+           "loss", "teacher_acc", "teacher_adv_acc", "weight_mean", "weight_min", "transition_fit", "transition_diag",
+           "clean_acc", "pgd20_acc", "pgd20_best_so_far", "best_pgd20_acc", "last_clean_acc"]
+    assert report.curve_keys(row) == (["loss", "contrast", "kd_adv", "kd_nat", "transition_fit"], ["clean_acc", "pgd20_acc"])
+
+
+def test_plots_are_png_files(store: dict, tmp_path: Path) -> None:
+    history = [{"epoch": e, "loss": 2.0 - 0.4 * e, "kd_adv": 1.0 - 0.1 * e, "contrast": 0.5, "adv_acc": 0.3,
+                "clean_acc": 40.0 + e, "pgd20_acc": 20.0 + e, "lr": 0.1, "weight_mean": 0.7} for e in range(4)]
+    assert_png(report.learning_curves(history, tmp_path / "curve.png"))
+    frame = report.runs_frame(store["uri"], EXPERIMENT, parent_run_id=store["sweep"])
+    assert_png(report.optimisation_history(frame, "best_pgd20_acc", "max", tmp_path / "history.png"))
+    assert_png(report.param_vs_metric(frame, ["method.temperature", "method.compensation.kind"], "best_pgd20_acc",
+                                      tmp_path / "params.png"))
+    assert_png(report.pareto_front(frame, "best_clean_acc", "best_pgd20_acc", tmp_path / "pareto.png"))
+    table = pd.DataFrame({"variant": ["full", "full", "no-contrast", "no-contrast"],
+                          "metric": ["clean_acc", "pgd20_acc"] * 2, "mean": [60.0, 30.0, 62.0, 27.0],
+                          "std": [1.0, 0.5, np.nan, 0.7]})
+    assert_png(report.bar_plot_with_errors(table, tmp_path / "bars.png"))
+    with pytest.raises(ValueError, match="no column 'missing'"):
+        report.optimisation_history(frame, "missing", "max", tmp_path / "x.png")
+    assert_png(report.learning_curves([], tmp_path / "empty.png"))

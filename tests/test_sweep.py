@@ -1,0 +1,176 @@
+"""The sweep engine end to end on digits: ASHA, multi-objective, conditions, NaN trials, resume, dry runs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conftest import REPO, small_config
+from crdnd_ray.cli import app
+from crdnd_ray.config import ConfigError
+from crdnd_ray.engine.sweep import plan_sweep, run_sweep, validate_space
+
+pytestmark = pytest.mark.slow
+
+
+def sweep_config(tmp_path: Path, **overrides):
+    """A fast digits sweep recording into a temporary SQLite store."""
+    base = {
+        "tracking.enabled": True,
+        "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "train.epochs": 3,
+        "train.max_steps_per_epoch": 6,
+        "eval.epoch_limit": 64,
+        "eval.final_attacks": ["clean", "pgd20"],
+        "search.num_samples": 4,
+    }
+    base.update(overrides)
+    return small_config(**base)
+
+
+def test_asha_stops_a_trial_early_and_later_trials_still_start(tmp_path, ray_session, digits_teacher):
+    cfg = sweep_config(
+        tmp_path,
+        **{"teacher.checkpoint": str(digits_teacher), "train.epochs": 4,
+           "search.scheduler": {"kind": "asha", "grace_period": 1, "reduction_factor": 2},
+           "search.space": {"train.lr": {"type": "loguniform", "low": 1e-5, "high": 0.5}}},
+    )
+    outcome = run_sweep(cfg, tmp_path / "sweep", printer=lambda line: None)
+    statuses = [row["status"] for row in outcome["rows"]]
+    assert len(statuses) == 4
+    assert "stopped_early" in statuses
+    assert all(status in ("finished", "stopped_early") for status in statuses)
+    stopped = [row for row in outcome["rows"] if row["status"] == "stopped_early"]
+    assert all(row["epochs"] < 4 for row in stopped)
+    assert (tmp_path / "sweep" / "best.yaml").exists()
+
+
+def test_multi_objective_sweep_returns_a_non_dominated_set_and_respects_conditions(tmp_path, ray_session,
+                                                                                   digits_teacher):
+    cfg = sweep_config(
+        tmp_path,
+        **{"teacher.checkpoint": str(digits_teacher), "train.epochs": 2,
+           "search.metric": ["clean_acc", "pgd20_acc"], "search.mode": ["max", "max"],
+           "search.scheduler": {"kind": "none"}, "search.sampler": {"kind": "nsga2", "seed": 1},
+           "search.num_samples": 5,
+           "search.space": {
+               "method.compensation.kind": {"type": "choice", "values": ["none", "confidence"]},
+               "method.compensation.beta": {"type": "uniform", "low": 0.5, "high": 3.0,
+                                            "when": {"method.compensation.kind": ["confidence"]}},
+               "train.lr": {"type": "loguniform", "low": 1e-4, "high": 0.3},
+           }},
+    )
+    outcome = run_sweep(cfg, tmp_path / "sweep", printer=lambda line: None)
+    rows = outcome["rows"]
+    assert len(rows) == 5
+    for row in rows:
+        has_beta = isinstance(row.get("param.method.compensation.beta"), float) and not np.isnan(
+            row["param.method.compensation.beta"])
+        assert has_beta == (row["param.method.compensation.kind"] == "confidence")
+    front = outcome["pareto"]
+    assert front
+    finished = [row for row in rows if row["status"] == "finished"]
+    for member in front:
+        dominated = any(other["clean_acc"] >= member["clean_acc"] and other["pgd20_acc"] >= member["pgd20_acc"]
+                        and (other["clean_acc"] > member["clean_acc"] or other["pgd20_acc"] > member["pgd20_acc"])
+                        for other in finished)
+        assert not dominated
+    outside = [row for row in finished if row["trial_id"] not in {m["trial_id"] for m in front}]
+    for row in outside:
+        assert any(m["clean_acc"] >= row["clean_acc"] and m["pgd20_acc"] >= row["pgd20_acc"] for m in front)
+    assert (tmp_path / "sweep" / "pareto.csv").exists()
+
+
+def test_a_diverging_trial_is_marked_failed_and_the_others_finish(tmp_path, ray_session, digits_teacher):
+    cfg = sweep_config(
+        tmp_path,
+        **{"teacher.checkpoint": str(digits_teacher), "train.epochs": 2, "search.scheduler": {"kind": "none"},
+           "search.sampler": {"kind": "random", "seed": 2},
+           "search.space": {"train.lr": {"type": "choice", "values": [0.05, 1.0e30]}}},
+    )
+    outcome = run_sweep(cfg, tmp_path / "sweep", printer=lambda line: None)
+    rows = outcome["rows"]
+    diverged = [row for row in rows if row["param.train.lr"] > 1]
+    healthy = [row for row in rows if row["param.train.lr"] < 1]
+    assert diverged and healthy, "the seeded sampler should pick both learning rates"
+    assert all(row["status"] == "failed" and ("nan" in row["reason"].lower() or "inf" in row["reason"].lower())
+               for row in diverged)
+    assert all(row["status"] == "finished" for row in healthy)
+
+    import mlflow
+
+    runs = mlflow.search_runs(experiment_names=[cfg.experiment.name], output_format="list",
+                              filter_string=f"tags.mlflow.parentRunId = '{outcome['parent_run_id']}'")
+    by_status = {run.data.tags.get("status") for run in runs}
+    assert {"failed", "finished"} <= by_status
+
+
+def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, digits_teacher):
+    folder = tmp_path / "sweep"
+    args = [sys.executable, "-m", "crdnd_ray.cli", "sweep", str(REPO / "search_spaces" / "digits.yaml"),
+            "--output", str(folder), "--set", "tracking.enabled=false", "--set", f"teacher.checkpoint={digits_teacher}",
+            "--set", "train.epochs=2", "--set", "eval.epoch_limit=32", "--set", "eval.final_limit=32",
+            "--set", "search.num_samples=5", "--set", "search.max_concurrent=1", "--set", "search.scheduler.kind=none",
+            "--set", "eval.final_attacks=[clean]", "--set", "attack.steps=2"]
+    first = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        done = list(folder.glob("trials/*/final_metrics.json"))
+        if len(done) >= 2:
+            break
+        time.sleep(0.5)
+    os.killpg(first.pid, signal.SIGINT)
+    first.communicate(timeout=120)
+    finished_before = {path.parent.name: path.stat().st_mtime for path in folder.glob("trials/*/final_metrics.json")}
+    assert 2 <= len(finished_before) < 5
+
+    resumed = subprocess.run(args[:5] + ["--resume", str(folder)] + args[7:], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    finished_after = {path.parent.name: path.stat().st_mtime for path in folder.glob("trials/*/final_metrics.json")}
+    assert len(finished_after) == 5
+    for trial_id, mtime in finished_before.items():
+        assert finished_after[trial_id] == mtime, f"trial {trial_id} was rerun"
+    import pandas as pd
+
+    table = pd.read_csv(folder / "results.csv")
+    assert len(table) == 5 and table["trial_id"].is_unique
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "digits"])
+def test_search_space_files_validate_with_dry_run(name):
+    result = CliRunner().invoke(app, ["sweep", str(REPO / "search_spaces" / f"{name}.yaml"), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert '"trials"' in result.output
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"method.temprature": {"type": "uniform", "low": 1, "high": 2}}, "temprature"),
+    ({"method.temperature": {"type": "uniform", "low": 2, "high": 1}}, "empty"),
+    ({"method.temperature": {"type": "loguniform", "low": 0, "high": 1}}, "positive"),
+    ({"method.temperature": {"type": "uniform", "low": 1, "high": 2, "when": {"method.nothing": [1]}}},
+     "method.nothing"),
+])
+def test_bad_spaces_are_clear_errors_before_anything_starts(space, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_space(small_config(**{"search.space": space}))
+
+
+def test_asha_with_several_objectives_is_refused():
+    with pytest.raises(ConfigError, match="ASHA"):
+        small_config(**{"search.metric": ["clean_acc", "pgd20_acc"], "search.mode": ["max", "max"]})
+
+
+def test_dry_run_plans_fractional_cpus_on_a_small_machine():
+    plan = plan_sweep(small_config())
+    assert plan.trials == 8 and plan.in_process
+    assert plan.concurrent >= 1
