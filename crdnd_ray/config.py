@@ -85,10 +85,11 @@ class ExperimentConfig(_Section):
 class DataConfig(_Section):
     """Which dataset, where it lives, and how it is batched.
 
-    ``batch_size`` is the global batch: with N workers each takes ``batch_size / N``.
+    ``batch_size`` is the global batch: with N workers each takes ``batch_size / N``. ``synthetic`` is
+    CIFAR-100-shaped random tensors for throughput benchmarks only (see ``crdnd_ray.data``).
     """
 
-    name: Literal["digits", "cifar10", "cifar100"] = "digits"
+    name: Literal["digits", "cifar10", "cifar100", "synthetic"] = "digits"
     root: str = "data"
     download: bool = False
     image_size: int | None = Field(default=None, ge=4)

@@ -1,7 +1,8 @@
 """Datasets: scikit-learn's digits (the embedded default) and torchvision's CIFAR-10/100.
 
 Every dataset yields image tensors in [0, 1] (never normalised: models that need normalisation do it
-inside) and integer labels.
+inside) and integer labels. ``synthetic`` (:class:`SyntheticImages`) has CIFAR-100's shapes and sizes
+but random content; it exists for throughput benchmarks only.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 from crdnd_ray.config import DataConfig
 
-__all__ = ["CIFAR_FOLDERS", "DataError", "DatasetInfo", "build_datasets", "dataset_info"]
+__all__ = ["CIFAR_FOLDERS", "DataError", "DatasetInfo", "SyntheticImages", "build_datasets", "dataset_info"]
 
 
 class DataError(Exception):
@@ -39,6 +40,8 @@ def dataset_info(cfg: DataConfig) -> DatasetInfo:
     """Classes, channels and image size of the configured dataset, without loading it."""
     if cfg.name == "digits":
         return DatasetInfo("digits", 10, 1, cfg.image_size or 8)
+    if cfg.name == "synthetic":
+        return DatasetInfo("synthetic", 100, 3, cfg.image_size or 32)
     return DatasetInfo(cfg.name, 10 if cfg.name == "cifar10" else 100, 3, 32)
 
 
@@ -49,6 +52,11 @@ def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset, DatasetInfo]:
     """
     if cfg.name == "digits":
         train, test = _digits(cfg)
+    elif cfg.name == "synthetic":
+        info = dataset_info(cfg)
+        shape = (info.in_channels, info.image_size, info.image_size)
+        train = SyntheticImages(50_000, info.num_classes, shape, seed=0)
+        test = SyntheticImages(10_000, info.num_classes, shape, seed=1)
     else:
         train, test = _cifar(cfg)
     if cfg.train_limit is not None:
@@ -56,6 +64,32 @@ def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset, DatasetInfo]:
     if cfg.test_limit is not None:
         test = Subset(test, range(min(cfg.test_limit, len(test))))
     return train, test, dataset_info(cfg)
+
+
+class SyntheticImages(Dataset):
+    """Uniform random images in [0, 1] with uniform random labels: CIFAR-shaped data for benchmarks only.
+
+    Nothing is stored: example ``i`` is drawn from a generator seeded with ``(seed, i)``, so every
+    process and every epoch sees the same example at the same index, and building the dataset is free.
+    There is nothing to learn in it; use it to time training, never to judge accuracy.
+    """
+
+    def __init__(self, length: int, num_classes: int, shape: tuple[int, ...], seed: int = 0) -> None:
+        self.length = length
+        self.num_classes = num_classes
+        self.shape = shape
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} is outside the {self.length} synthetic examples")
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        image = torch.rand(self.shape, generator=generator)
+        label = torch.randint(self.num_classes, (), generator=generator)
+        return image, label
 
 
 def _digits(cfg: DataConfig) -> tuple[Dataset, Dataset]:

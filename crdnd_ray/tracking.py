@@ -60,6 +60,7 @@ __all__ = [
     "TrialRecorder",
     "common_tags",
     "default_artifact_location",
+    "download_artifact",
     "final_metrics_flat",
     "log_finished_run",
     "normalize_tracking_uri",
@@ -504,6 +505,16 @@ def log_finished_run(recorder: Recorder, cfg_dict: dict[str, Any], folder: Path 
         status = "finished" if final else "stopped_early"
     recorder.finish(run_id, status, reason)
     return run_id
+
+
+def download_artifact(tracking: TrackingConfig, run_id: str, artifact: str) -> Path:
+    """Download one artifact of ``run_id`` into a temporary folder and return its local path."""
+    import tempfile
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=normalize_tracking_uri(tracking.uri))
+    return Path(client.download_artifacts(run_id, artifact, tempfile.mkdtemp(prefix="crdnd-ray-artifact-")))
 
 
 @dataclass

@@ -228,3 +228,21 @@ def test_cli_evaluate_on_tiny_cifar100(tiny_cifar100, tmp_path):
     assert results["n_eval"] == N_TEST
     assert results["eps"] == pytest.approx(8 / 255)
     assert 0 <= results["fgsm_acc"] <= 100 and 0 <= results["clean_acc"] <= 100
+
+
+# --- synthetic (benchmarks only) ---------------------------------------------------------------------
+
+
+def test_synthetic_data_is_cifar100_shaped_seeded_and_never_stored():
+    cfg = DataConfig(name="synthetic", train_limit=16)
+    train, test, info = build_datasets(cfg)
+    assert (info.num_classes, info.in_channels, info.image_size) == (100, 3, 32)
+    assert len(train) == 16 and len(test) == 10_000
+    images, labels = _tensors(train)
+    assert images.shape == (16, 3, 32, 32) and images.min() >= 0 and images.max() <= 1
+    assert labels.min() >= 0 and labels.max() < 100
+    again, _, _ = build_datasets(cfg)
+    assert torch.equal(_tensors(again)[0], images)
+    assert not torch.equal(test[0][0], train[0][0])
+    with pytest.raises(IndexError):
+        test[10_000]

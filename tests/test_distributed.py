@@ -293,6 +293,7 @@ def test_a_two_worker_cli_run_writes_nothing_outside_its_output_folder(digits_te
     ]
     done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert not (home / "ray_results").exists() and not (home / ".ray").exists(), sorted(os.listdir(home))
+    assert not (home / "ray_results").exists() and not (home / ".ray").exists()
+    assert sorted(os.listdir(home)) == []
     assert sorted(os.listdir(work)) == ["out"]
     assert (work / "out" / "final_metrics.json").exists() and (work / "out" / "ray_train").is_dir()

@@ -46,7 +46,6 @@ def _prepare_ray_environment() -> None:
     os.environ.setdefault("RAY_TMPDIR", os.path.join(tempfile.gettempdir(), f"crdnd-ray-{os.getuid()}"))
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_RESULT_BUFFER_LENGTH", "1")
 

@@ -451,7 +451,7 @@ def _optuna_sampler(search: SearchConfig) -> Any:
     seed = search.sampler.seed
     kind = search.sampler.kind
     if kind == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
+        return optuna.samplers.TPESampler(seed=seed)
     if kind == "gp":
         return optuna.samplers.GPSampler(seed=seed)
     if kind == "nsga2":
