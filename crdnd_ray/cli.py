@@ -174,7 +174,7 @@ def evaluate(
     from crdnd_ray.attacks import parse_attack
     from crdnd_ray.checkpoints import load_model
     from crdnd_ray.data import build_datasets
-    from crdnd_ray.engine.loop import evaluate_distributed
+    from crdnd_ray.engine.loop import configure_threads, evaluate_distributed
 
     cfg = load(config, set_)
     names = [name.strip() for name in attacks.split(",") if name.strip()]
@@ -183,6 +183,7 @@ def evaluate(
             parse_attack(name, cfg.eval.eps)
         except ValueError as error:
             raise UsageError(f"--attacks: {error}") from None
+    configure_threads(cfg)
     _, test_set, info = build_datasets(cfg.data)
     if cfg.teacher.format == "robustbench":
         model = load_model(checkpoint, arch=cfg.teacher.arch, kwargs=cfg.teacher.kwargs, num_classes=info.num_classes,

@@ -39,9 +39,10 @@ def sweep_config(tmp_path: Path, **overrides):
 def test_asha_stops_a_trial_early_and_later_trials_still_start(tmp_path, ray_session, digits_teacher):
     cfg = sweep_config(
         tmp_path,
-        **{"teacher.checkpoint": str(digits_teacher), "train.epochs": 4,
+        **{"teacher.checkpoint": str(digits_teacher), "train.epochs": 4, "train.max_steps_per_epoch": None,
+           "search.metric": "clean_acc", "search.max_concurrent": 1,
            "search.scheduler": {"kind": "asha", "grace_period": 1, "reduction_factor": 2},
-           "search.space": {"train.lr": {"type": "loguniform", "low": 1e-5, "high": 0.5}}},
+           "search.space": {"train.lr": {"type": "loguniform", "low": 1e-6, "high": 1.0}}},
     )
     outcome = run_sweep(cfg, tmp_path / "sweep", printer=lambda line: None)
     statuses = [row["status"] for row in outcome["rows"]]

@@ -37,6 +37,7 @@ __all__ = [
     "CHECKPOINT_FILE",
     "DivergedError",
     "LoopContext",
+    "configure_threads",
     "evaluate_distributed",
     "read_metrics",
     "run_training",
@@ -81,6 +82,12 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
+
+
+def configure_threads(cfg: RunConfig, device: torch.device | None = None) -> None:
+    """Apply ``scaling.torch_threads`` to PyTorch's CPU thread pool (no effect on GPU runs)."""
+    if cfg.scaling.torch_threads and (device is None or device.type == "cpu"):
+        torch.set_num_threads(cfg.scaling.torch_threads)
 
 
 def _distributed() -> bool:
@@ -211,6 +218,7 @@ def run_training(cfg: RunConfig, output_dir: Path, teacher: nn.Module | None,
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.experiment.seed, cfg.experiment.deterministic)
+    configure_threads(cfg, device)
 
     train_set, test_set, info = build_datasets(cfg.data)
     student = build_model(cfg.student.arch, num_classes=info.num_classes, in_channels=info.in_channels,

@@ -225,6 +225,7 @@ def run_trials(cfg: RunConfig, folder: Path, *, kind: str, param_space: dict[str
     cluster = init_ray(cfg.scaling, log_to_driver=False)
     in_process = cfg.scaling.num_workers == 1 and cfg.scaling.in_process_single_worker
     plan = plan_resources(cfg.scaling, cluster, concurrent_trials=max_concurrent, in_process=in_process)
+    _link_ray_logs(folder)
     state = _load_state(folder) if resume else {}
     recorder, parent_id = _start_recording(cfg, folder, kind, state, parent_params or {})
     _save_state(folder, {**state, "parent_run_id": parent_id, "kind": kind})
@@ -239,7 +240,8 @@ def run_trials(cfg: RunConfig, folder: Path, *, kind: str, param_space: dict[str
             params = {**base_flat, **overrides}
             return TrialInfo(name=spec.name(trial), params=params, sampled=overrides,
                              tags={"trial_id": trial.trial_id, f"{kind}_id": parent_id or "", "kind": kind,
-                                   "method": str(params.get("method.name")), **spec.tags(trial.config)},
+                                   "method": str(params.get("method.name")),
+                                   "seed": str(params.get("experiment.seed")), **spec.tags(trial.config)},
                              output_dir=folder / "trials" / trial.trial_id)
 
         callbacks.append(TrialRecorder(recorder, parent_id, describe))
@@ -320,6 +322,17 @@ _NOT_METRICS = {"training_iteration", "time_total_s", "time_this_iter_s", "times
 def _is_metric(key: str, value: Any) -> bool:
     return (key not in _NOT_METRICS and isinstance(value, (int, float)) and not isinstance(value, bool)
             and not key.startswith(("config", "node_ip", "hostname", "date", "trial_id", "experiment_tag")))
+
+
+def _link_ray_logs(folder: Path) -> None:
+    """Point ``<folder>/ray_logs`` at this Ray session's log folder (Ray's raw output goes there)."""
+    import os
+
+    logs = Path(os.environ.get("RAY_TMPDIR", "/tmp/ray")) / "session_latest" / "logs"
+    link = folder / "ray_logs"
+    if logs.exists() and not link.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(logs.resolve(), target_is_directory=True)
 
 
 def _load_state(folder: Path) -> dict[str, Any]:

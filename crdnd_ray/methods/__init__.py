@@ -16,6 +16,7 @@ from crdnd_ray.methods.ard import ARD
 from crdnd_ray.methods.base import Distiller, LossParts
 from crdnd_ray.methods.crdnd import CRDND
 from crdnd_ray.methods.iad import IAD
+from crdnd_ray.methods.natural import Natural
 from crdnd_ray.methods.rslad import RSLAD
 from crdnd_ray.methods.sat import SAT
 from crdnd_ray.methods.trades import TRADES
@@ -25,6 +26,7 @@ __all__ = [
     "CRDND",
     "IAD",
     "METHODS",
+    "Natural",
     "RSLAD",
     "SAT",
     "TRADES",
@@ -35,7 +37,7 @@ __all__ = [
 ]
 
 METHODS: dict[str, type[Distiller]] = {
-    cls.name: cls for cls in (CRDND, RSLAD, ARD, IAD, AdaAD, SAT, TRADES)
+    cls.name: cls for cls in (CRDND, RSLAD, ARD, IAD, AdaAD, SAT, TRADES, Natural)
 }
 """Registered methods by name."""
 
@@ -50,7 +52,7 @@ def build_distiller(
 ) -> Distiller:
     """Instantiate the method ``name`` around ``student`` (and ``teacher`` where the method uses one).
 
-    Methods without a teacher (``sat``, ``trades``) ignore ``teacher``; the others raise ValueError
+    Methods without a teacher (``sat``, ``trades``, ``natural``) ignore ``teacher``; the others raise ValueError
     when it is missing.
 
     Raises:
