@@ -15,8 +15,9 @@ few clean examples so that the time between reports is the training epoch. For e
 * start-up: seconds from calling ``fit`` (or ``run_training``) to the first step of epoch 0, and to the
   first report (which includes epoch 0 and its evaluation).
 
-A Ray Train worker runs ``floor(CPUs it holds)`` torch threads (Ray sets ``OMP_NUM_THREADS``), so on CPU
-the local loop is timed twice: with that many threads (the like-for-like comparison) and with torch's
+A Ray Train worker runs ``floor(CPUs it holds)`` torch threads (Ray sets ``OMP_NUM_THREADS``; the
+config's ``scaling.torch_threads`` is cleared so that it does not override this), so on CPU the local
+loop is timed twice: with that many threads (the like-for-like comparison) and with torch's
 default. The check "Ray Train with 1 worker within 5% of the local loop" compares their images/s after
 start-up; ``--repeats N`` runs every mode N times in alternating order and takes the median of the
 paired ratios, which a machine shared with other work needs. The table is printed and written to
@@ -50,7 +51,7 @@ def workloads(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         "eval.epoch_attacks": ["clean"], "eval.epoch_limit": 64, "eval.final_attacks": ["clean"],
         "eval.final_limit": 64, "train.epochs": args.epochs, "train.bf16": args.bf16,
         "train.channels_last": cuda and args.channels_last, "train.pin_memory": cuda,
-        "data.loader_workers": args.loader_workers,
+        "data.loader_workers": args.loader_workers, "scaling.torch_threads": None,
     }
     digits = {**common, "data.name": "digits"}
     if args.quick:

@@ -32,13 +32,20 @@ class UsageError(Exception):
 def _user_errors() -> tuple[type[BaseException], ...]:
     from crdnd_ray.checkpoints import CheckpointError
     from crdnd_ray.data import DataError
-    from crdnd_ray.engine.distributed import ResourceError, TrainingFailed
+    from crdnd_ray.engine.distributed import ResourceError
 
-    return ConfigError, DataError, CheckpointError, UsageError, ResourceError, TrainingFailed
+    return ConfigError, DataError, CheckpointError, UsageError, ResourceError
+
+
+def _run_failures() -> tuple[type[BaseException], ...]:
+    from crdnd_ray.engine.distributed import TrainingFailed
+    from crdnd_ray.engine.loop import DivergedError
+
+    return TrainingFailed, DivergedError
 
 
 def handle_errors(command: Callable) -> Callable:
-    """Show user errors as one red paragraph and exit with code 2, without a traceback."""
+    """Show errors as one red paragraph without a traceback: exit 2 for bad input, 1 for a failed run."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -47,6 +54,9 @@ def handle_errors(command: Callable) -> Callable:
         except _user_errors() as error:
             console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        except _run_failures() as error:
+            console.print(f"[bold red]the run failed:[/] {error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt as interrupt:
             hint = f" ({interrupt})" if str(interrupt) else ""
             console.print(f"[yellow]interrupted[/]: what finished so far is kept in the output folder{hint}.")
@@ -247,24 +257,17 @@ def sweep(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved plan and exit."),
 ) -> None:
     """Search temperature, contrastive weight and compensation with Ray Tune + Optuna."""
-    from crdnd_ray.engine.distributed import ResourceError
     from crdnd_ray.engine.sweep import plan_sweep, run_sweep
 
     cfg = load(resume / "config.yaml" if resume else config, set_)
-    try:
-        plan = plan_sweep(cfg)
-    except ResourceError as error:
-        raise UsageError(str(error)) from None
+    plan = plan_sweep(cfg)
     if dry_run:
         stdout.print_json(json.dumps({"plan": plan.__dict__, "config": cfg.run_dict()}, default=str))
         return
     folder = _sweep_folder(cfg, output, resume, "sweep")
     write_resolved_config(cfg, folder)
     started = time.perf_counter()
-    try:
-        outcome = run_sweep(cfg, folder, resume=resume is not None, printer=progress_printer())
-    except ResourceError as error:
-        raise UsageError(str(error)) from None
+    outcome = run_sweep(cfg, folder, resume=resume is not None, printer=progress_printer())
     assert cfg.search is not None
     metrics = cfg.search.metrics + [m for m in ("best_clean_acc", "best_pgd20_acc") if m not in cfg.search.metrics]
     _print_rows(f"sweep of {len(outcome['rows'])} trials ({time.perf_counter() - started:.1f} s)", outcome["rows"], metrics)
@@ -291,16 +294,12 @@ def ablate(
 ) -> None:
     """Run the ablation study (variants × seeds) and print the mean ± std table."""
     from crdnd_ray.engine.ablation import run_ablation
-    from crdnd_ray.engine.distributed import ResourceError
 
     cfg = load(resume / "config.yaml" if resume else config, set_)
     folder = _sweep_folder(cfg, output, resume, "ablation")
     write_resolved_config(cfg, folder)
     started = time.perf_counter()
-    try:
-        outcome = run_ablation(cfg, folder, resume=resume is not None, printer=progress_printer())
-    except ResourceError as error:
-        raise UsageError(str(error)) from None
+    outcome = run_ablation(cfg, folder, resume=resume is not None, printer=progress_printer())
     stdout.print(f"ablation of {len(outcome['rows'])} runs in {time.perf_counter() - started:.1f} s\n")
     stdout.print(outcome["markdown"], highlight=False, markup=False)
     stdout.print("files: " + ", ".join(str(path) for path in outcome["files"]))

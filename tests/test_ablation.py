@@ -53,6 +53,7 @@ def test_reduced_digits_ablation_matches_mlflow_and_shows_failed_cells(tmp_path,
 
     import mlflow
 
+    mlflow.set_tracking_uri(cfg.tracking.uri)
     runs = mlflow.search_runs(experiment_names=[cfg.experiment.name],
                               filter_string=f"tags.mlflow.parentRunId = '{outcome['parent_run_id']}'")
     assert len(runs) == 6

@@ -108,6 +108,7 @@ def test_a_diverging_trial_is_marked_failed_and_the_others_finish(tmp_path, ray_
 
     import mlflow
 
+    mlflow.set_tracking_uri(cfg.tracking.uri)
     runs = mlflow.search_runs(experiment_names=[cfg.experiment.name], output_format="list",
                               filter_string=f"tags.mlflow.parentRunId = '{outcome['parent_run_id']}'")
     by_status = {run.data.tags.get("status") for run in runs}

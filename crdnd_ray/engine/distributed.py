@@ -24,6 +24,7 @@ __all__ = [
     "TrainingFailed",
     "init_ray",
     "plan_resources",
+    "root_cause",
     "run_distributed",
     "worker_loop",
     "wrap_data_parallel",
@@ -46,6 +47,7 @@ def _prepare_ray_environment() -> None:
     os.environ.setdefault("RAY_TMPDIR", os.path.join(tempfile.gettempdir(), f"crdnd-ray-{os.getuid()}"))
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_RESULT_BUFFER_LENGTH", "1")
 
@@ -256,11 +258,11 @@ def run_distributed(cfg: RunConfig, output_dir: Path, teacher_path: Path | None,
     try:
         trainer.fit()
     except Exception as error:
-        raise TrainingFailed(f"the Ray Train run failed: {_root_cause(error)}") from error
+        raise TrainingFailed(f"the Ray Train run failed: {root_cause(error)}") from error
     return read_final_metrics(output_dir)
 
 
-def _root_cause(error: BaseException) -> str:
+def root_cause(error: BaseException) -> str:
     while error.__cause__ is not None:
         error = error.__cause__
     text = str(error).strip().splitlines()

@@ -267,12 +267,20 @@ def run_trials(cfg: RunConfig, folder: Path, *, kind: str, param_space: dict[str
                                  metric=metrics[0] if len(metrics) == 1 else None,
                                  mode=modes[0] if len(modes) == 1 else None)
         tuner = Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
-    interrupted = False
+    interrupted, failure = False, None
     try:
         tuner.fit()
     except KeyboardInterrupt:
         interrupted = True
+    except Exception as error:
+        failure = error
     rows = _rows_from_folder(folder, tune_dir / kind, spec)
+    if failure is not None:
+        from crdnd_ray.engine.distributed import TrainingFailed, root_cause
+
+        ray.shutdown()
+        raise TrainingFailed(f"Ray Tune stopped the {kind} ({root_cause(failure)}); the {len(rows)} trial(s) it "
+                           f"recorded are kept in {folder}; continue with --resume {folder}") from failure
     interrupted = interrupted or len(rows) < _expected_trials(param_space, num_samples) or any(
         row["status"] not in TERMINAL for row in rows)
     if recorder is not None and parent_id is not None and not interrupted:
