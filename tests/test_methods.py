@@ -101,7 +101,7 @@ def test_build_distiller_rejects_unknown_names(teacher):
 
 
 def test_registry_holds_every_method():
-    assert set(METHODS) == {"crdnd", "rslad", "ard", "iad", "adaad", "sat", "trades"}
+    assert set(METHODS) == {"crdnd", "rslad", "ard", "iad", "adaad", "sat", "trades", "natural"}
     assert all(cls.name == name for name, cls in METHODS.items())
 
 

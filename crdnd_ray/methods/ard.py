@@ -33,14 +33,22 @@ class ARD(Distiller):
     default_alpha: ClassVar[float] = 1.0
     default_start: ClassVar[str] = "uniform"
     default_bn_mode: ClassVar[str] = "train"
+    kd_reduction: ClassVar[str] = "elementmean"
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, LossParts]:
+        loss, parts, _ = self.ard_loss(x, y)
+        return loss, parts
+
+    def ard_loss(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, LossParts, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """ARD's objective and parts, plus ``(x_adv, adv_logits, nat_logits)`` for methods built on it."""
         teacher_logits, _ = self.teacher_outputs(x)
         x_adv = self.inner_attack(x, attacks.ce_loss(y))
         adv_logits = self.student(x_adv)
         nat_logits = self.student(x)
         target = F.softmax(teacher_logits / self.temperature, dim=1)
-        kd_adv = distillation_kl(adv_logits, target, self.temperature, reduction="elementmean")
+        kd_adv = distillation_kl(adv_logits, target, self.temperature, reduction=self.kd_reduction)
         ce_nat = F.cross_entropy(nat_logits, y)
         loss = self.alpha * kd_adv + (1.0 - self.alpha) * ce_nat
         parts = {
@@ -49,4 +57,4 @@ class ARD(Distiller):
             "teacher_acc": accuracy(teacher_logits, y),
             "adv_acc": accuracy(adv_logits, y),
         }
-        return loss, parts
+        return loss, parts, (x_adv, adv_logits, nat_logits)

@@ -72,10 +72,6 @@ class CRDND(Distiller):
     """RSLAD backbone + adaptive compensation + contrastive relationship loss (see the module docstring)."""
 
     name: ClassVar[str] = "crdnd"
-    default_temperature: ClassVar[float] = 1.0
-    default_alpha: ClassVar[float] = 5.0 / 6.0
-    default_start: ClassVar[str] = "gaussian"
-    default_bn_mode: ClassVar[str] = "eval"
 
     def __init__(
         self,

@@ -25,37 +25,22 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from crdnd_ray import attacks
-from crdnd_ray.methods.base import Distiller, LossParts, accuracy, distillation_kl
+from crdnd_ray.methods.ard import ARD
+from crdnd_ray.methods.base import LossParts, accuracy, distillation_kl
 from crdnd_ray.methods.compensation import confidence_weights
 
 __all__ = ["IAD"]
 
 
-class IAD(Distiller):
+class IAD(ARD):
     """IAD-I: ARD plus trust-weighted introspection ``KL(S(x) ‖ S(x'))`` after a warm-up."""
 
     name: ClassVar[str] = "iad"
     default_temperature: ClassVar[float] = 1.0
-    default_alpha: ClassVar[float] = 1.0
-    default_start: ClassVar[str] = "uniform"
-    default_bn_mode: ClassVar[str] = "train"
+    kd_reduction: ClassVar[str] = "batchmean"
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, LossParts]:
-        teacher_logits, _ = self.teacher_outputs(x)
-        x_adv = self.inner_attack(x, attacks.ce_loss(y))
-        adv_logits = self.student(x_adv)
-        nat_logits = self.student(x)
-        target = F.softmax(teacher_logits / self.temperature, dim=1)
-        kd_adv = distillation_kl(adv_logits, target, self.temperature, reduction="batchmean")
-        ce_nat = F.cross_entropy(nat_logits, y)
-        loss = self.alpha * kd_adv + (1.0 - self.alpha) * ce_nat
-        parts = {
-            "kd_adv": kd_adv.detach(),
-            "ce_nat": ce_nat.detach(),
-            "teacher_acc": accuracy(teacher_logits, y),
-            "adv_acc": accuracy(adv_logits, y),
-        }
+        loss, parts, (x_adv, adv_logits, nat_logits) = self.ard_loss(x, y)
         if self.epoch >= self.method.iad.begin:
             teacher_adv_logits, _ = self.teacher_outputs(x_adv)
             weights = confidence_weights(F.softmax(teacher_adv_logits, dim=1), y, self.method.iad.beta)
