@@ -410,6 +410,15 @@ class RunConfig(_Section):
     search: SearchConfig | None = None
     ablation: AblationConfig | None = None
 
+    @model_validator(mode="after")
+    def _check_batch_split(self) -> RunConfig:
+        if self.data.batch_size % self.scaling.num_workers:
+            raise ValueError(
+                f"data.batch_size={self.data.batch_size} is the global batch and must split evenly over "
+                f"scaling.num_workers={self.scaling.num_workers}; choose a multiple of {self.scaling.num_workers}"
+            )
+        return self
+
     def run_dict(self) -> dict[str, Any]:
         """The config without the sweep and ablation sections: what one training run uses."""
         return self.model_dump(mode="json", exclude={"search", "ablation"})
