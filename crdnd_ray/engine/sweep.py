@@ -141,11 +141,12 @@ def _trial_function(config: dict[str, Any], base: dict[str, Any], folder: str, t
     trainer.fit()
 
 
-def _trial_status(trial: Any) -> tuple[str, str]:
+def _trial_status(trial: Any, completed: bool = False) -> tuple[str, str]:
+    """``finished``, ``stopped_early`` or ``failed`` (with the reason) for an ended trial, else Tune's status."""
     if trial.status == "ERROR":
         return "failed", _error_text(trial)
     final = trial.last_result or {}
-    if trial.status == "TERMINATED":
+    if completed or trial.status == "TERMINATED":
         return ("finished", "") if "best_epoch" in final else (
             "stopped_early", "stopped by the scheduler")
     return trial.status.lower(), ""
@@ -181,7 +182,7 @@ class _LiveTable:
             def _line(self, trial: Any, what: str) -> None:
                 result = trial.last_result or {}
                 shown = " ".join(f"{m}={result[m]:.2f}" for m in self.metrics if isinstance(result.get(m), (int, float)))
-                params = " ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in self.spec.overrides(trial.config).items())
+                params = " ".join(f"{k.split('.', 1)[-1]}={_short(v)}" for k, v in self.spec.overrides(trial.config).items())
                 self.printer(f"[{self.done}/{self.total}] {self.spec.name(trial)} {what} "
                              f"epoch={result.get('training_iteration', 0)} {shown}  {params}")
 
@@ -190,7 +191,7 @@ class _LiveTable:
 
             def on_trial_complete(self, iteration, trials, trial, **info):
                 self.done += 1
-                status, _ = _trial_status(trial)
+                status, _ = _trial_status(trial, completed=True)
                 self._line(trial, status.replace("_", " "))
 
             def on_trial_error(self, iteration, trials, trial, **info):
@@ -229,7 +230,8 @@ def run_trials(cfg: RunConfig, folder: Path, *, kind: str, param_space: dict[str
     state = _load_state(folder) if resume else {}
     recorder, parent_id = _start_recording(cfg, folder, kind, state, parent_params or {})
     _save_state(folder, {**state, "parent_run_id": parent_id, "kind": kind})
-    callbacks: list[Any] = [_LiveTable(num_samples, metrics, spec, printer), *(extra_callbacks or [])]
+    total = _expected_trials(param_space, num_samples)
+    callbacks: list[Any] = [_LiveTable(total, metrics, spec, printer), *(extra_callbacks or [])]
     if recorder is not None:
         from crdnd_ray.tracking import TrialInfo, TrialRecorder
 
@@ -281,7 +283,7 @@ def run_trials(cfg: RunConfig, folder: Path, *, kind: str, param_space: dict[str
         ray.shutdown()
         raise TrainingFailed(f"Ray Tune stopped the {kind} ({root_cause(failure)}); the {len(rows)} trial(s) it "
                            f"recorded are kept in {folder}; continue with --resume {folder}") from failure
-    interrupted = interrupted or len(rows) < _expected_trials(param_space, num_samples) or any(
+    interrupted = interrupted or len(rows) < total or any(
         row["status"] not in TERMINAL for row in rows)
     if recorder is not None and parent_id is not None and not interrupted:
         recorder.finish(parent_id, "finished")
