@@ -179,7 +179,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="JSON output path.")
     args = parser.parse_args()
     args.epochs = args.epochs or (2 if args.quick else 3)
-    out = args.out or REPO / "benchmarks" / "results" / f"train_throughput{'_cuda' if args.device == 'cuda' else ''}.json"
+    suffix = "_cuda" if args.device == "cuda" else ""
+    out = args.out or REPO / "benchmarks" / "results" / f"train_throughput{suffix}.json"
 
     import torch
 

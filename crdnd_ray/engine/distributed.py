@@ -62,9 +62,40 @@ def init_ray(scaling: ScalingConfig, log_to_driver: bool = True) -> dict[str, fl
         if address:
             ray.init(address=address, log_to_driver=log_to_driver, logging_level="WARNING")
         else:
-            ray.init(log_to_driver=log_to_driver, logging_level="WARNING",
-                     _temp_dir=os.environ["RAY_TMPDIR"])
+            _start_local_ray(log_to_driver)
     return {key: float(value) for key, value in ray.cluster_resources().items()}
+
+
+def _start_local_ray(log_to_driver: bool) -> None:
+    """Start a local Ray whose own processes know its address.
+
+    Code inside Ray processes that uses the State API finds its cluster through ``$RAY_ADDRESS``; without
+    it, on a machine that runs more than one Ray instance it fails with "Found multiple active Ray
+    instances". One such process is Ray Train's PlacementGroupCleaner, which frees the placement group
+    of a run whose controller was killed (a trial stopped by Tune). So the GCS port is chosen here, and
+    ``RAY_ADDRESS`` is set while Ray starts (its processes inherit it) and removed again from this
+    process, so that after ``ray.shutdown`` a later ``init_ray`` starts a new Ray instead of joining the
+    old address.
+    """
+    import socket
+
+    import ray
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    during_start = {"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"127.0.0.1:{port}"}
+    saved = {key: os.environ.get(key) for key in during_start}
+    os.environ.update(during_start)
+    try:
+        ray.init(address="local", log_to_driver=log_to_driver, logging_level="WARNING",
+                 _temp_dir=os.environ["RAY_TMPDIR"])
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @dataclass(frozen=True)

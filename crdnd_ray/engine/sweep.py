@@ -265,6 +265,7 @@ def run_trials(cfg: RunConfig, folder: Path, *, kind: str, param_space: dict[str
         tuner._local_tuner._run_config.callbacks = callbacks
     else:
         tune_config = TuneConfig(num_samples=num_samples, max_concurrent_trials=plan.concurrent,
+                                 reuse_actors=plan.in_process,
                                  search_alg=search_alg, scheduler=scheduler,
                                  metric=metrics[0] if len(metrics) == 1 else None,
                                  mode=modes[0] if len(modes) == 1 else None)
