@@ -232,9 +232,9 @@ def _print_rows(title: str, rows: list[dict[str, Any]], metrics: list[str]) -> N
     params = sorted({key for row in rows for key in row if key.startswith("param.")})
     for column in ["trial", "status", "epochs", *[p.removeprefix("param.").split(".", 1)[-1] for p in params],
                    *metrics, "wall_time_s"]:
-        table.add_column(column, justify="left" if column in ("trial", "status") else "right")
+        table.add_column(column, justify="left" if column in ("trial", "status") else "right", overflow="fold")
     for row in rows:
-        cells = [row["trial"], row["status"], str(row["epochs"])]
+        cells = [row["trial"].removeprefix("trial-")[:8], row["status"], str(row["epochs"])]
         cells += [_cell(row.get(p)) for p in params]
         cells += [_cell(row.get(m)) for m in metrics] + [_cell(row.get("wall_time_s"))]
         table.add_row(*cells)
