@@ -164,41 +164,42 @@ def _error_text(trial: Any) -> str:
     return lines[-1].strip()[:500] if lines else "the trial raised an error"
 
 
-class _LiveTable:
-    """A Tune callback that prints one compact line per trial event (Ray's own output is silenced)."""
+def _live_table(*args: Any) -> Any:
+    """A Tune callback that prints one compact line per trial event (Ray's own output is silenced).
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-        from ray.tune import Callback
+    Built on first use so that importing this module does not import Ray Tune.
+    """
+    from ray.tune import Callback
 
-        class LiveTable(Callback):
-            def __init__(self, total: int, metrics: list[str], spec: TrialSpec, printer: Callable[[str], None]):
-                self.total, self.metrics, self.spec, self.printer = total, metrics, spec, printer
-                self.done = 0
+    class LiveTable(Callback):
+        def __init__(self, total: int, metrics: list[str], spec: TrialSpec, printer: Callable[[str], None]):
+            self.total, self.metrics, self.spec, self.printer = total, metrics, spec, printer
+            self.done = 0
 
-            def __getstate__(self) -> dict[str, Any]:
-                """Tune pickles its run config for resuming; the printer stays with the live driver."""
-                return {**self.__dict__, "printer": print}
+        def __getstate__(self) -> dict[str, Any]:
+            """Tune pickles its run config for resuming; the printer stays with the live driver."""
+            return {**self.__dict__, "printer": print}
 
-            def _line(self, trial: Any, what: str) -> None:
-                result = trial.last_result or {}
-                shown = " ".join(f"{m}={result[m]:.2f}" for m in self.metrics if isinstance(result.get(m), (int, float)))
-                params = " ".join(f"{k.split('.', 1)[-1]}={_short(v)}" for k, v in self.spec.overrides(trial.config).items())
-                self.printer(f"[{self.done}/{self.total}] {self.spec.name(trial)} {what} "
-                             f"epoch={result.get('training_iteration', 0)} {shown}  {params}")
+        def _line(self, trial: Any, what: str) -> None:
+            result = trial.last_result or {}
+            shown = " ".join(f"{m}={result[m]:.2f}" for m in self.metrics if isinstance(result.get(m), (int, float)))
+            params = " ".join(f"{k.split('.', 1)[-1]}={_short(v)}" for k, v in self.spec.overrides(trial.config).items())
+            self.printer(f"[{self.done}/{self.total}] {self.spec.name(trial)} {what} "
+                         f"epoch={result.get('training_iteration', 0)} {shown}  {params}")
 
-            def on_trial_start(self, iteration, trials, trial, **info):
-                self._line(trial, "started")
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self._line(trial, "started")
 
-            def on_trial_complete(self, iteration, trials, trial, **info):
-                self.done += 1
-                status, _ = _trial_status(trial, completed=True)
-                self._line(trial, status.replace("_", " "))
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.done += 1
+            status, _ = _trial_status(trial, completed=True)
+            self._line(trial, status.replace("_", " "))
 
-            def on_trial_error(self, iteration, trials, trial, **info):
-                self.done += 1
-                self._line(trial, f"FAILED ({_error_text(trial)})")
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.done += 1
+            self._line(trial, f"FAILED ({_error_text(trial)})")
 
-        return LiveTable(*args, **kwargs)
+    return LiveTable(*args)
 
 
 def _short(value: Any) -> str:
@@ -231,7 +232,7 @@ def run_trials(cfg: RunConfig, folder: Path, *, kind: str, param_space: dict[str
     recorder, parent_id = _start_recording(cfg, folder, kind, state, parent_params or {})
     _save_state(folder, {**state, "parent_run_id": parent_id, "kind": kind})
     total = _expected_trials(param_space, num_samples)
-    callbacks: list[Any] = [_LiveTable(total, metrics, spec, printer), *(extra_callbacks or [])]
+    callbacks: list[Any] = [_live_table(total, metrics, spec, printer), *(extra_callbacks or [])]
     if recorder is not None:
         from crdnd_ray.tracking import TrialInfo, TrialRecorder
 
