@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -61,3 +65,26 @@ def ray_session():
 
     yield ray
     ray.shutdown()
+
+
+def finished_trials(folder: Path) -> dict[str, float]:
+    """Trial id → modification time of its final_metrics.json, for every finished trial under ``folder``."""
+    return {path.parent.name: path.stat().st_mtime for path in folder.glob("trials/*/final_metrics.json")}
+
+
+def interrupt_then_resume(command: list[str], folder: Path, cwd: Path, finished: int) -> tuple[dict, dict]:
+    """Run ``crdnd-ray COMMAND --output folder``, press Ctrl-C once ``finished`` trials are done, then
+    ``--resume`` it to the end. Returns the finished trials (id → mtime) before and after the resume."""
+    cli = [sys.executable, "-m", "crdnd_ray.cli"]
+    first = subprocess.Popen(cli + command + ["--output", str(folder)], cwd=cwd, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(finished_trials(folder)) < finished:
+        time.sleep(0.5)
+    os.killpg(first.pid, signal.SIGINT)
+    first.communicate(timeout=120)
+    before = finished_trials(folder)
+    resumed = subprocess.run(cli + command + ["--resume", str(folder)], cwd=cwd, capture_output=True, text=True,
+                             timeout=400)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    return before, finished_trials(folder)

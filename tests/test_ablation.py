@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pandas as pd
 import pytest
 
-from conftest import REPO, small_config
+from conftest import REPO, interrupt_then_resume, small_config
 from crdnd_ray.config import ConfigError, load_config
 from crdnd_ray.engine.ablation import ablation_table, run_ablation, validate_ablation
 
@@ -109,26 +104,15 @@ def test_shipped_ablation_files_validate():
 @pytest.mark.slow
 def test_resumed_ablation_skips_finished_cells(tmp_path, digits_teacher):
     folder = tmp_path / "ablation"
-    args = [sys.executable, "-m", "crdnd_ray.cli", "ablate", str(REPO / "ablations" / "digits.yaml"),
-            "--output", str(folder), "--set", "tracking.enabled=false", "--set", f"teacher.checkpoint={digits_teacher}",
-            "--set", "train.epochs=2", "--set", "eval.epoch_limit=32", "--set", "eval.final_limit=32",
-            "--set", "ablation.seeds=[0, 1]", "--set", "ablation.max_concurrent=1", "--set", "attack.steps=2",
-            "--set", "eval.final_attacks=[clean, pgd20]", "--set", "ablation.metrics=[best_pgd20_acc]",
-            "--set", "ablation.variants={crdnd: {}, rslad_backbone: {method.compensation.kind: none, "
-                     "method.contrastive.kind: none}}"]
-    first = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and len(list(folder.glob("trials/*/final_metrics.json"))) < 1:
-        time.sleep(0.5)
-    os.killpg(first.pid, signal.SIGINT)
-    first.communicate(timeout=120)
-    before = {p.parent.name: p.stat().st_mtime for p in folder.glob("trials/*/final_metrics.json")}
+    command = ["ablate", str(REPO / "ablations" / "digits.yaml"), "--set", "tracking.enabled=false",
+               "--set", f"teacher.checkpoint={digits_teacher}", "--set", "train.epochs=2",
+               "--set", "eval.epoch_limit=32", "--set", "eval.final_limit=32", "--set", "ablation.seeds=[0, 1]",
+               "--set", "ablation.max_concurrent=1", "--set", "attack.steps=2",
+               "--set", "eval.final_attacks=[clean, pgd20]", "--set", "ablation.metrics=[best_pgd20_acc]",
+               "--set", "ablation.variants={crdnd: {}, rslad_backbone: {method.compensation.kind: none, "
+                        "method.contrastive.kind: none}}"]
+    before, after = interrupt_then_resume(command, folder, tmp_path, finished=1)
     assert 1 <= len(before) < 4
-    resumed = subprocess.run(args[:5] + ["--resume", str(folder)] + args[7:], cwd=tmp_path, capture_output=True,
-                             text=True, timeout=400)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    after = {p.parent.name: p.stat().st_mtime for p in folder.glob("trials/*/final_metrics.json")}
     assert len(after) == 4
     assert all(after[trial] == mtime for trial, mtime in before.items())
     table = pd.read_csv(folder / "ablation.csv")

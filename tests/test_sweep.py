@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from conftest import REPO, small_config
+from conftest import REPO, interrupt_then_resume, small_config
 from crdnd_ray.cli import app
 from crdnd_ray.config import ConfigError
 from crdnd_ray.engine.sweep import plan_sweep, run_sweep, validate_space
@@ -117,33 +113,16 @@ def test_a_diverging_trial_is_marked_failed_and_the_others_finish(tmp_path, ray_
 
 def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, digits_teacher):
     folder = tmp_path / "sweep"
-    args = [sys.executable, "-m", "crdnd_ray.cli", "sweep", str(REPO / "search_spaces" / "digits.yaml"),
-            "--output", str(folder), "--set", "tracking.enabled=false", "--set", f"teacher.checkpoint={digits_teacher}",
-            "--set", "train.epochs=2", "--set", "eval.epoch_limit=32", "--set", "eval.final_limit=32",
-            "--set", "search.num_samples=5", "--set", "search.max_concurrent=1", "--set", "search.scheduler.kind=none",
-            "--set", "eval.final_attacks=[clean]", "--set", "attack.steps=2"]
-    first = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        done = list(folder.glob("trials/*/final_metrics.json"))
-        if len(done) >= 2:
-            break
-        time.sleep(0.5)
-    os.killpg(first.pid, signal.SIGINT)
-    first.communicate(timeout=120)
-    finished_before = {path.parent.name: path.stat().st_mtime for path in folder.glob("trials/*/final_metrics.json")}
-    assert 2 <= len(finished_before) < 5
-
-    resumed = subprocess.run(args[:5] + ["--resume", str(folder)] + args[7:], cwd=tmp_path, capture_output=True,
-                             text=True, timeout=400)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    finished_after = {path.parent.name: path.stat().st_mtime for path in folder.glob("trials/*/final_metrics.json")}
-    assert len(finished_after) == 5
-    for trial_id, mtime in finished_before.items():
-        assert finished_after[trial_id] == mtime, f"trial {trial_id} was rerun"
-    import pandas as pd
-
+    command = ["sweep", str(REPO / "search_spaces" / "digits.yaml"), "--set", "tracking.enabled=false",
+               "--set", f"teacher.checkpoint={digits_teacher}", "--set", "train.epochs=2",
+               "--set", "eval.epoch_limit=32", "--set", "eval.final_limit=32", "--set", "search.num_samples=5",
+               "--set", "search.max_concurrent=1", "--set", "search.scheduler.kind=none",
+               "--set", "eval.final_attacks=[clean]", "--set", "attack.steps=2"]
+    before, after = interrupt_then_resume(command, folder, tmp_path, finished=2)
+    assert 2 <= len(before) < 5
+    assert len(after) == 5
+    for trial_id, mtime in before.items():
+        assert after[trial_id] == mtime, f"trial {trial_id} was rerun"
     table = pd.read_csv(folder / "results.csv")
     assert len(table) == 5 and table["trial_id"].is_unique
 
