@@ -23,7 +23,7 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["CRDND_RAY_CACHE"] = str(tmp_path_factory.mktemp("teacher-cache"))
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
     """Tiny models run faster single-threaded on a shared 2-core machine; restore afterwards."""
     previous = torch.get_num_threads()

@@ -52,15 +52,6 @@ class TinyNet(nn.Module):
         return (logits, features) if return_features else logits
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tensors here are tiny: one intra-op thread is faster and steadier on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def digits() -> dict[str, torch.Tensor]:
     data = load_digits()

@@ -46,14 +46,6 @@ CASES = [(name, {}) for name in sorted(METHODS) if name != "crdnd"] + [
 CASE_IDS = [name for name in sorted(METHODS) if name != "crdnd"] + [f"crdnd-{key}" for key in CRDND_VARIANTS]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
     data = load_digits()
@@ -62,7 +54,7 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def teacher(digits, one_thread) -> torch.nn.Module:
+def teacher(digits) -> torch.nn.Module:
     """A small CNN trained for three clean epochs (about 93% training accuracy)."""
     x, y = digits
     torch.manual_seed(0)
