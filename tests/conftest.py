@@ -88,3 +88,33 @@ def interrupt_then_resume(command: list[str], folder: Path, cwd: Path, finished:
                              timeout=400)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     return before, finished_trials(folder)
+
+
+def _gloo_rank(rank: int, world_size: int, port: int, worker, args: tuple) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=120))
+    worker(rank, world_size, *args)
+    dist.barrier()
+    os._exit(0)
+
+
+def run_gloo_ranks(worker, world_size: int, *args) -> None:
+    """Run ``worker(rank, world_size, *args)`` in ``world_size`` processes joined by a gloo process group.
+
+    Each rank ends with a barrier and ``os._exit(0)``: tearing gloo down at interpreter exit while a peer
+    is still closing its connections aborts the process now and then (SIGABRT), which is noise, not a
+    result. A worker that raises still fails the test with its traceback.
+    """
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_gloo_rank, args=(world_size, port, worker, args), nprocs=world_size, join=True)

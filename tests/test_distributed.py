@@ -11,10 +11,8 @@
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,8 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import REPO, small_config
+from conftest import REPO, run_gloo_ranks, small_config
 from torch import nn
 from typer.testing import CliRunner
 
@@ -47,12 +44,6 @@ from crdnd_ray.teachers import load_teacher
 BATCH = 64
 TIMING = ("images_per_s", "epoch_time_s", "epoch_started_at")
 """Metric keys that measure time and so differ between two otherwise identical runs."""
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _gradient_config(teacher: Path) -> RunConfig:
@@ -104,28 +95,21 @@ def _sync_batchnorm_error() -> str:
     return ""
 
 
-def _gradient_worker(rank: int, world_size: int, port: int, cfg_dict: dict, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
-        cfg = RunConfig.model_validate(cfg_dict)
-        images, labels = _fixed_batch(cfg)
-        local = slice(rank * BATCH // world_size, (rank + 1) * BATCH // world_size)
-        loss, grads = _first_step(cfg, images[local], labels[local], world_size)
-        dist.all_reduce(loss)
-        sync_error = _sync_batchnorm_error()
-        if rank == 0:
-            torch.save({"loss": loss / world_size, "grads": grads, "sync_error": sync_error}, out)
-        dist.barrier()  # without it, a rank exiting while its peer tears down gloo sometimes aborts
-    finally:
-        dist.destroy_process_group()
+def _gradient_worker(rank: int, world_size: int, cfg_dict: dict, out: str) -> None:
+    cfg = RunConfig.model_validate(cfg_dict)
+    images, labels = _fixed_batch(cfg)
+    local = slice(rank * BATCH // world_size, (rank + 1) * BATCH // world_size)
+    loss, grads = _first_step(cfg, images[local], labels[local], world_size)
+    dist.all_reduce(loss)
+    sync_error = _sync_batchnorm_error()
+    if rank == 0:
+        torch.save({"loss": loss / world_size, "grads": grads, "sync_error": sync_error}, out)
 
 
 def test_two_gloo_ranks_give_the_full_batch_gradient(digits_teacher: Path, tmp_path: Path):
     cfg = _gradient_config(digits_teacher)
     out = str(tmp_path / "ranks.pt")
-    mp.spawn(_gradient_worker, args=(2, _free_port(), cfg.run_dict(), out), nprocs=2, join=True)
+    run_gloo_ranks(_gradient_worker, 2, cfg.run_dict(), out)
     distributed = torch.load(out)
     images, labels = _fixed_batch(cfg)
     loss, grads = _first_step(cfg, images, labels, world_size=1)

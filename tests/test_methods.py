@@ -8,17 +8,16 @@ Everything runs on CPU on the bundled sklearn digits (1×8×8, scaled to [0, 1])
 from __future__ import annotations
 
 import copy
-import datetime
 import math
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
+
+from conftest import run_gloo_ranks
 
 from crdnd_ray.config import AttackConfig, MethodConfig
 from crdnd_ray.methods import CRDND, METHODS, RSLAD, Distiller, build_distiller
@@ -299,49 +298,29 @@ def _contrastive_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return student, teacher, weights
 
 
-def _contrastive_worker(rank: int, world_size: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    try:
-        student, teacher, weights = _contrastive_data()
-        local = slice(rank * 4, rank * 4 + 4)
-        results = {}
-        for kind in ("infonce", "relation"):
-            module = _contrastive_module(kind)
-            loss = module(student[local], teacher[local], weights[local])
-            loss.backward()
-            grads = {}
-            for name, parameter in module.named_parameters():
-                grad = parameter.grad.clone()
-                dist.all_reduce(grad)
-                grads[name] = grad / world_size
-            mean_loss = loss.detach().clone()
-            dist.all_reduce(mean_loss)
-            results[kind] = (mean_loss / world_size, grads)
-        if rank == 0:
-            torch.save(results, out)
-        # Without this barrier a rank that exits while its peer still tears down gloo aborts
-        # ("terminate called without an active exception") in about one run in three.
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _contrastive_worker(rank: int, world_size: int, out: str) -> None:
+    student, teacher, weights = _contrastive_data()
+    local = slice(rank * 4, rank * 4 + 4)
+    results = {}
+    for kind in ("infonce", "relation"):
+        module = _contrastive_module(kind)
+        loss = module(student[local], teacher[local], weights[local])
+        loss.backward()
+        grads = {}
+        for name, parameter in module.named_parameters():
+            grad = parameter.grad.clone()
+            dist.all_reduce(grad)
+            grads[name] = grad / world_size
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        results[kind] = (mean_loss / world_size, grads)
+    if rank == 0:
+        torch.save(results, out)
 
 
 def test_contrastive_loss_over_two_ranks_equals_full_batch(tmp_path: Path):
     out = str(tmp_path / "distributed.pt")
-    mp.spawn(_contrastive_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    run_gloo_ranks(_contrastive_worker, 2, out)
     distributed = torch.load(out)
     student, teacher, weights = _contrastive_data()
     for kind in ("infonce", "relation"):
