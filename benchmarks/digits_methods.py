@@ -33,7 +33,7 @@ def main() -> None:
 
     from crdnd_ray.config import load_config
     from crdnd_ray.engine.runner import train_run
-    from crdnd_ray.teachers import needs_teacher, prepare_teacher
+    from crdnd_ray.engine.teachers import needs_teacher, prepare_teacher
 
     base = load_config(REPO / "search_spaces" / "digits.yaml", ["tracking.enabled=false", *args.overrides])
     started = time.perf_counter()

@@ -28,8 +28,8 @@ def measure(in_process: bool, trials: int, concurrent: int) -> dict:
     from ray import tune
 
     from crdnd_ray.config import load_config
-    from crdnd_ray.engine.sweep import TrialSpec, run_trials
-    from crdnd_ray.teachers import prepare_teacher
+    from crdnd_ray.engine.trials import TrialSpec, run_trials
+    from crdnd_ray.engine.teachers import prepare_teacher
 
     cfg = load_config(REPO / "search_spaces" / "digits.yaml", {
         "tracking.enabled": False, "train.epochs": 1, "train.max_steps_per_epoch": 1,

@@ -101,8 +101,9 @@ def run_local(cfg, teacher_path: Path, folder: Path, device: str, threads: int |
     """Time ``run_training`` in this process (``threads``: torch threads, None for torch's default)."""
     import torch
 
-    from crdnd_ray.engine.loop import LoopContext, read_metrics, run_training
-    from crdnd_ray.teachers import load_teacher
+    from crdnd_ray.engine.loop import LoopContext, run_training
+    from crdnd_ray.runs import read_metrics
+    from crdnd_ray.engine.teachers import load_teacher
 
     previous = torch.get_num_threads()
     if threads is not None:
@@ -116,15 +117,16 @@ def run_local(cfg, teacher_path: Path, folder: Path, device: str, threads: int |
             device=torch.device(device), report=lambda metrics, checkpoint: reports.append(time.time())))
     finally:
         torch.set_num_threads(previous)
-    return {"threads_per_worker": used, **summarise(read_metrics(folder / "metrics.jsonl"), called, reports[0])}
+    return {"threads_per_worker": used, **summarise(read_metrics(folder), called, reports[0])}
 
 
 def run_ray(cfg, teacher_path: Path, folder: Path, workers: int) -> dict[str, Any]:
     """Time ``TorchTrainer.fit`` of ``cfg`` on ``workers`` Ray Train workers."""
     from ray.train import UserCallback
 
-    from crdnd_ray.engine.distributed import build_trainer, init_ray, plan_resources
-    from crdnd_ray.engine.loop import read_metrics
+    from crdnd_ray.engine.distributed import build_trainer, init_ray
+    from crdnd_ray.engine.resources import plan_resources
+    from crdnd_ray.runs import read_metrics
 
     cfg = cfg.with_overrides({"scaling.num_workers": workers, "scaling.in_process_single_worker": False},
                              source="the benchmark")
@@ -142,7 +144,7 @@ def run_ray(cfg, teacher_path: Path, folder: Path, workers: int) -> dict[str, An
     first_report = float(stamps.read_text().split()[0])
     cpus = plan.worker_resources.get("CPU", 1.0)
     return {"threads_per_worker": max(1, math.floor(cpus)), "worker_resources": plan.worker_resources,
-            **summarise(read_metrics(folder / "metrics.jsonl"), called, first_report)}
+            **summarise(read_metrics(folder), called, first_report)}
 
 
 def machine_info(device: str) -> dict[str, Any]:
@@ -185,7 +187,8 @@ def main() -> None:
     import torch
 
     from crdnd_ray.config import ScalingConfig, load_config
-    from crdnd_ray.engine.distributed import ResourceError, init_ray, plan_resources
+    from crdnd_ray.engine.distributed import init_ray
+    from crdnd_ray.engine.resources import ResourceError, plan_resources
 
     machine = machine_info(args.device)
     cluster = init_ray(ScalingConfig(use_gpu=args.device == "cuda"), log_to_driver=False)

@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from crdnd_ray import runs
 from crdnd_ray.config import ConfigError, RunConfig, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -32,7 +33,7 @@ class UsageError(Exception):
 def _user_errors() -> tuple[type[BaseException], ...]:
     from crdnd_ray.checkpoints import CheckpointError
     from crdnd_ray.data import DataError
-    from crdnd_ray.engine.distributed import ResourceError
+    from crdnd_ray.engine.resources import ResourceError
 
     return ConfigError, DataError, CheckpointError, UsageError, ResourceError
 
@@ -76,8 +77,12 @@ def progress_printer(prefix: str = "") -> Callable[[str], None]:
 
 
 def load(config: Optional[Path], overrides: list[str]) -> RunConfig:
-    """Load a config file with ``--set`` overrides (ConfigError on bad input)."""
-    return load_config(config, overrides or [])
+    """Load a config file with ``--set`` overrides and run the preflight checks (ConfigError on bad input)."""
+    from crdnd_ray.engine.preflight import preflight
+
+    cfg = load_config(config, overrides or [])
+    preflight(cfg)
+    return cfg
 
 
 def output_folder(cfg: RunConfig, output: Optional[Path], kind: str = "") -> Path:
@@ -89,15 +94,6 @@ def output_folder(cfg: RunConfig, output: Optional[Path], kind: str = "") -> Pat
         folder = Path("runs") / cfg.experiment.name / (f"{stamp}-{kind}" if kind else stamp)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
-
-
-def write_resolved_config(cfg: RunConfig, folder: Path) -> Path:
-    """Write the fully resolved config next to the results, as YAML."""
-    import yaml
-
-    path = folder / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=True), sort_keys=False))
-    return path
 
 
 def print_metrics_table(title: str, rows: dict[str, dict[str, float]]) -> None:
@@ -122,15 +118,14 @@ def teacher(
     output: Optional[Path] = typer.Option(None, "--output", help=OUTPUT_HELP),
 ) -> None:
     """Train a robust teacher (PGD-AT or TRADES, teacher.training) and write its checkpoint."""
-    from crdnd_ray.engine.loop import read_final_metrics
-    from crdnd_ray.teachers import train_teacher
+    from crdnd_ray.engine.teachers import train_teacher
 
     cfg = load(config, set_)
     folder = output_folder(cfg, output, "teacher")
-    write_resolved_config(cfg, folder)
+    runs.write_config(folder, cfg)
     started = time.perf_counter()
     path = train_teacher(cfg, folder, progress_printer("teacher "))
-    final = read_final_metrics(folder)
+    final = runs.read_final(folder) or {}
     print_metrics_table(f"teacher ({time.perf_counter() - started:.1f} s)", _by_checkpoint(final))
     stdout.print(f"teacher checkpoint: {path}\nuse it with --set teacher.checkpoint={path}")
 
@@ -153,7 +148,7 @@ def train(
     from crdnd_ray.engine.runner import train_run
 
     if resume is not None:
-        saved = resume / "config.yaml"
+        saved = resume / runs.CONFIG_FILE
         if not saved.exists():
             raise UsageError(f"'{resume}' holds no config.yaml, so it is not a crdnd-ray run folder to resume.")
         cfg = load(saved, set_)
@@ -163,7 +158,7 @@ def train(
         folder = output_folder(cfg, output)
     if workers is not None:
         cfg = cfg.with_overrides({"scaling.num_workers": workers}, source="--workers")
-    write_resolved_config(cfg, folder)
+    runs.write_config(folder, cfg)
     started = time.perf_counter()
     final = train_run(cfg, folder, progress=progress_printer(), resume=resume is not None)
     print_metrics_table(f"{cfg.method.name} ({time.perf_counter() - started:.1f} s)", _by_checkpoint(final))
@@ -221,7 +216,7 @@ def evaluate(
 
 def _sweep_folder(cfg: RunConfig, output: Optional[Path], resume: Optional[Path], kind: str) -> Path:
     if resume is not None:
-        if not (resume / "config.yaml").exists():
+        if not (resume / runs.CONFIG_FILE).exists():
             raise UsageError(f"'{resume}' holds no config.yaml, so it is not a crdnd-ray {kind} folder to resume.")
         return resume
     return output_folder(cfg, output, kind)
@@ -259,13 +254,13 @@ def sweep(
     """Search temperature, contrastive weight and compensation with Ray Tune + Optuna."""
     from crdnd_ray.engine.sweep import plan_sweep, run_sweep
 
-    cfg = load(resume / "config.yaml" if resume else config, set_)
+    cfg = load(resume / runs.CONFIG_FILE if resume else config, set_)
     plan = plan_sweep(cfg)
     if dry_run:
         stdout.print_json(json.dumps({"plan": plan.__dict__, "config": cfg.run_dict()}, default=str))
         return
     folder = _sweep_folder(cfg, output, resume, "sweep")
-    write_resolved_config(cfg, folder)
+    runs.write_config(folder, cfg)
     started = time.perf_counter()
     outcome = run_sweep(cfg, folder, resume=resume is not None, printer=progress_printer())
     assert cfg.search is not None
@@ -295,9 +290,9 @@ def ablate(
     """Run the ablation study (variants × seeds) and print the mean ± std table."""
     from crdnd_ray.engine.ablation import run_ablation
 
-    cfg = load(resume / "config.yaml" if resume else config, set_)
+    cfg = load(resume / runs.CONFIG_FILE if resume else config, set_)
     folder = _sweep_folder(cfg, output, resume, "ablation")
-    write_resolved_config(cfg, folder)
+    runs.write_config(folder, cfg)
     started = time.perf_counter()
     outcome = run_ablation(cfg, folder, resume=resume is not None, printer=progress_printer())
     stdout.print(f"ablation of {len(outcome['rows'])} runs in {time.perf_counter() - started:.1f} s\n")
@@ -338,7 +333,7 @@ def ui(
     experiment: Optional[str] = typer.Option(None, "--experiment", help="Experiment to open."),
 ) -> None:
     """Serve the MLflow UI on loopback to compare runs."""
-    from crdnd_ray.tracking import serve_ui
+    from crdnd_ray.tracking.server import serve_ui
 
     raise typer.Exit(serve_ui(port=port, host=host, tracking_uri=tracking_uri, experiment=experiment))
 

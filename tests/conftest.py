@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -11,10 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from crdnd_ray.config import RunConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
+RUN_EPOCHS = 3
+"""Epochs of the hand-written run folders of :func:`write_run_folder`."""
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -49,7 +55,7 @@ def small_config(**overrides) -> RunConfig:
 @pytest.fixture(scope="session")
 def digits_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small PGD-AT digits teacher, trained once per test session (a few seconds)."""
-    from crdnd_ray.teachers import prepare_teacher
+    from crdnd_ray.engine.teachers import prepare_teacher
 
     return prepare_teacher(small_config(), cache_root=tmp_path_factory.mktemp("teachers"))
 
@@ -118,3 +124,68 @@ def run_gloo_ranks(worker, world_size: int, *args) -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     mp.spawn(_gloo_rank, args=(world_size, port, worker, args), nprocs=world_size, join=True)
+
+
+def free_port() -> int:
+    """A TCP port that is free on loopback right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite file with MLflow's schema, created once (migrations take seconds) and copied per test."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def sqlite_uri(empty_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh SQLite store in the test's own working directory."""
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
+    monkeypatch.chdir(tmp_path)
+    return "sqlite:///mlflow.db"
+
+
+@pytest.fixture
+def mlflow_server(empty_store: Path, tmp_path: Path):
+    """A real ``mlflow server`` on a free loopback port with a temporary SQLite store and artifact folder."""
+    from crdnd_ray.tracking.server import start_server, stop_server
+
+    shutil.copy(empty_store, tmp_path / "server.db")
+    artifacts = tmp_path / "served-artifacts"
+    process, url = start_server(free_port(), "127.0.0.1", f"sqlite:///{tmp_path / 'server.db'}", artifacts,
+                                log_file=tmp_path / "server.log")
+    try:
+        yield url, artifacts
+    finally:
+        stop_server(process)
+        assert process.poll() is not None
+
+
+def write_run_folder(folder: Path, epochs: int = RUN_EPOCHS, final: bool = True, seed: int = 0) -> dict:
+    """A run output folder as the training loop writes it; returns the config dict."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = RunConfig().run_dict()
+    cfg["experiment"]["seed"] = seed
+    (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with open(folder / "metrics.jsonl", "w") as handle:
+        for epoch in range(epochs):
+            row = {"epoch": epoch, "lr": 0.05 / (epoch + 1), "images_per_s": 1000.0 + epoch, "epoch_time_s": 1.5,
+                   "epoch_started_at": 1.7e9 + epoch, "pgd20_best_so_far": 20.0 + 5 * epoch + seed,
+                   "loss": 2.0 - 0.5 * epoch, "loss_kd": 1.0 - 0.2 * epoch, "loss_contrast": 0.5,
+                   "clean_acc": 40.0 + 10 * epoch + seed, "pgd20_acc": 20.0 + 5 * epoch + seed}
+            handle.write(json.dumps(row) + "\n")
+    (folder / "best.pt").write_bytes(b"checkpoint-bytes" * 10)
+    (folder / "last.pt").write_bytes(b"last")
+    if final:
+        (folder / "final_metrics.json").write_text(json.dumps({
+            "best": {"clean_acc": 60.0 + seed, "fgsm_acc": 35.0, "pgd20_acc": 30.0 + seed, "cw_acc": 28.0, "n_eval": 64},
+            "last": {"clean_acc": 59.0, "fgsm_acc": 34.0, "pgd20_acc": 29.0, "cw_acc": 27.5, "n_eval": 64},
+            "best_epoch": epochs - 1,
+        }))
+    return cfg

@@ -199,7 +199,7 @@ def test_robustbench_with_the_wrong_architecture_is_refused(tmp_path, robustbenc
 def test_teacher_config_loads_a_robustbench_checkpoint(tmp_path, robustbench_wrn):
     """``teacher.format: robustbench`` through the config and ``load_teacher`` gives a frozen teacher."""
     from crdnd_ray.config import load_config
-    from crdnd_ray.teachers import load_teacher, prepare_teacher
+    from crdnd_ray.engine.teachers import load_teacher, prepare_teacher
 
     path = tmp_path / "rb.pt"
     torch.save({"state_dict": _with_prefix(robustbench_wrn.state_dict(), "module.")}, path)

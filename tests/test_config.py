@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -129,20 +127,6 @@ def test_unknown_architecture_and_argument_are_config_errors(tmp_path):
 def test_fraction_dividing_by_zero(tmp_path):
     config = _write(tmp_path, "eval:\n  eps: 8/0\n")
     _assert_user_error(_run_cli([str(config)], tmp_path), "eval.eps", "line 2", "divides by zero")
-
-
-def test_the_console_script_prints_no_traceback(tmp_path):
-    """The installed ``crdnd-ray`` itself (not only the in-process runner): exit 2, one line, no traceback."""
-    script = Path(sys.executable).with_name("crdnd-ray")
-    config = _write(tmp_path, "train:\n  epochz: 3\n")
-    done = subprocess.run([str(script), "teacher", str(config), "--output", str(tmp_path / "out"), *SAFE],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert done.returncode == 2, done.stderr
-    assert "Traceback" not in done.stderr + done.stdout
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), done.stderr
-    assert "train.epochz" in lines[0] and "line 2" in lines[0] and "Did you mean 'epochs'?" in lines[0]
-    assert not (tmp_path / "out").exists(), "nothing is written for a bad config"
 
 
 # --- values --------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from sklearn.datasets import load_digits
 from conftest import run_gloo_ranks
 
 from crdnd_ray.config import AttackConfig, MethodConfig
-from crdnd_ray.methods import CRDND, METHODS, RSLAD, Distiller, build_distiller
+from crdnd_ray.methods import METHODS, Distiller, build_distiller
 from crdnd_ray.methods.base import distillation_kl, kl_divergence
 from crdnd_ray.methods.compensation import TransitionMatrix, compensated_target, confidence_weights
 from crdnd_ray.methods.contrastive import ContrastiveRelation, infonce_loss, relation_loss
@@ -333,9 +333,20 @@ def test_contrastive_loss_over_two_ranks_equals_full_batch(tmp_path: Path):
             torch.testing.assert_close(grads[name], parameter.grad, rtol=1e-5, atol=1e-6, msg=f"{kind} {name}")
 
 
-def test_crdnd_and_rslad_are_distillers():
-    assert issubclass(CRDND, Distiller) and issubclass(RSLAD, Distiller)
-    assert CRDND.default_start == RSLAD.default_start == "gaussian"
-    assert METHODS["ard"].default_temperature == 30.0 and METHODS["iad"].default_temperature == 1.0
-    assert METHODS["ard"].default_bn_mode == METHODS["iad"].default_bn_mode == "train"
-    assert METHODS["sat"].default_start == METHODS["ard"].default_start == "uniform"
+@pytest.mark.parametrize(("name", "bn_updates_during_attack"), [
+    ("crdnd", False), ("rslad", False), ("adaad", False), ("sat", False), ("trades", False), ("ard", True), ("iad", True),
+])
+def test_each_method_attacks_with_its_published_batchnorm_mode(name, bn_updates_during_attack, teacher, batch):
+    """RSLAD, CRDND, AdaAD, PGD-AT and TRADES attack the student with BatchNorm in eval mode; ARD and IAD in train mode,
+    which moves the running statistics during the attack's forward passes."""
+    x, y = batch
+    distiller = make(name, teacher)
+    distiller.train()
+    norms = [m for m in distiller.student.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms, "the conformance student must have BatchNorm layers"
+    before = [m.num_batches_tracked.item() for m in norms]
+    adversarial = distiller.inner_attack(x, lambda logits: torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+    after = [m.num_batches_tracked.item() for m in norms]
+    assert (after != before) == bn_updates_during_attack
+    assert distiller.student.training, "the student's mode is restored after the attack"
+    assert (adversarial - x).abs().max() <= ATTACK.eps + 1e-6 and adversarial.min() >= 0 and adversarial.max() <= 1

@@ -1,7 +1,7 @@
 """The ablation study: component switches × seeds as a grid of Tune trials, and an honest table.
 
-Each cell (variant, seed) is one trial of ``engine.sweep.run_trials`` (same resources, failure handling,
-MLflow recording and ``--resume``). The table reports, per variant and metric, the mean ± standard
+Each cell (variant, seed) is one trial of :func:`crdnd_ray.engine.trials.run_trials` (same resources, failure
+handling, MLflow recording and ``--resume`` as a sweep). The table reports, per variant and metric, the mean ± standard
 deviation over seeds, n, and the paired difference to the baseline variant with a p-value: a paired
 t-test over seeds when at least 3 pairs exist, otherwise a sign test, flagged as too small to mean much.
 A failed cell stays in the table as failed.
@@ -15,7 +15,12 @@ from typing import Any, Callable
 
 import pandas as pd
 
+from crdnd_ray import plots, tables
+from crdnd_ray.analysis import mean, paired_difference, std
 from crdnd_ray.config import AblationConfig, ConfigError, RunConfig, load_config
+from crdnd_ray.engine.preflight import preflight
+from crdnd_ray.engine.teachers import prepare_teacher
+from crdnd_ray.engine.trials import TrialSpec, run_trials
 
 __all__ = ["ablation_table", "ablation_trial_spec", "base_config_from_sweep", "markdown_table", "run_ablation",
            "validate_ablation"]
@@ -32,6 +37,7 @@ def validate_ablation(cfg: RunConfig) -> AblationConfig:
             cfg.with_overrides(dict(overrides or {}), source=f"ablation.variants.{name}")
         except ConfigError as error:
             raise ConfigError(f"ablation variant '{name}' is invalid: {error}") from None
+    preflight(cfg)
     known = ({f"{a}_acc" for a in cfg.eval.epoch_attacks}
              | {f"{w}_{a}_acc" for w in ("best", "last") for a in cfg.eval.final_attack_names})
     for metric in ablation.metrics:
@@ -51,7 +57,7 @@ def base_config_from_sweep(cfg: RunConfig, source: str) -> RunConfig:
     if folder.is_dir():
         best = folder / "best.yaml"
     else:
-        from crdnd_ray.tracking import download_artifact
+        from crdnd_ray.tracking.store import download_artifact
 
         try:
             best = download_artifact(cfg.tracking, source, "best.yaml")
@@ -68,8 +74,6 @@ def base_config_from_sweep(cfg: RunConfig, source: str) -> RunConfig:
 
 def ablation_trial_spec(ablation: AblationConfig):
     """How a grid cell ``{"variant", "seed"}`` becomes a run: the variant's overrides plus the seed."""
-    from crdnd_ray.engine.sweep import TrialSpec
-
     variants = {name: dict(overrides or {}) for name, overrides in ablation.variants.items()}
 
     def overrides(config: dict[str, Any]) -> dict[str, Any]:
@@ -85,8 +89,6 @@ def ablation_trial_spec(ablation: AblationConfig):
 
 def ablation_table(rows: list[dict[str, Any]], ablation: AblationConfig) -> pd.DataFrame:
     """Per variant and metric: n, failed, mean, std, and the paired difference to the baseline with a p-value."""
-    from scipy import stats
-
     by_variant: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in ablation.variants}
     for row in rows:
         by_variant.setdefault(row["variant"], {})[int(row["seed"])] = row
@@ -98,7 +100,7 @@ def ablation_table(rows: list[dict[str, Any]], ablation: AblationConfig) -> pd.D
             failed = sorted(seed for seed, row in cells.items() if row["status"] == "failed")
             record: dict[str, Any] = {
                 "variant": variant, "metric": metric, "n": len(values),
-                "mean": _mean(list(values.values())), "std": _std(list(values.values())),
+                "mean": mean(list(values.values())), "std": std(list(values.values())),
                 "failed_seeds": ",".join(map(str, failed)),
                 "missing_seeds": ",".join(str(s) for s in ablation.seeds if s not in values and s not in failed),
                 "status": "failed" if not values and failed else ("partial" if failed else "ok"),
@@ -109,36 +111,13 @@ def ablation_table(rows: list[dict[str, Any]], ablation: AblationConfig) -> pd.D
                 pairs = [(values[s], float(base[s][metric])) for s in values
                          if s in base and base[s]["status"] == "finished" and _finite(base[s].get(metric))]
                 if pairs:
-                    differences = [a - b for a, b in pairs]
-                    record["delta"] = _mean(differences)
-                    if len(pairs) >= 3 and _std(differences) > 0:
-                        record["p_value"] = float(stats.ttest_rel([a for a, _ in pairs], [b for _, b in pairs]).pvalue)
-                        record["test"] = f"paired t-test, n={len(pairs)}"
-                    elif len(pairs) >= 3:
-                        record["p_value"] = 1.0 if record["delta"] == 0 else 0.0
-                        record["test"] = f"paired t-test, n={len(pairs)} (identical differences)"
-                    else:
-                        wins = sum(d > 0 for d in differences)
-                        losses = sum(d < 0 for d in differences)
-                        record["p_value"] = float(stats.binomtest(wins, wins + losses).pvalue) if wins + losses else 1.0
-                        record["test"] = f"sign test, n={len(pairs)} (too few seeds for a t-test; not conclusive)"
+                    record.update(paired_difference(pairs))
             records.append(record)
     return pd.DataFrame.from_records(records)
 
 
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else math.nan
-
-
-def _std(values: list[float]) -> float:
-    if len(values) < 2:
-        return 0.0 if values else math.nan
-    mean = _mean(values)
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
 def markdown_table(table: pd.DataFrame, ablation: AblationConfig) -> str:
@@ -171,17 +150,13 @@ def run_ablation(cfg: RunConfig, folder: Path, resume: bool = False,
     """Run every (variant, seed) cell and write the table (Markdown, CSV, Parquet) and a bar plot."""
     from ray import tune
 
-    from crdnd_ray import report
-    from crdnd_ray.engine.sweep import run_trials
-    from crdnd_ray.teachers import prepare_teacher
-
     ablation = validate_ablation(cfg)
     if ablation.from_sweep:
         cfg = base_config_from_sweep(cfg, ablation.from_sweep)
         ablation = validate_ablation(cfg)
     teacher_path = prepare_teacher(cfg, printer)
     cells = [{"variant": name, "seed": seed} for name in ablation.variants for seed in ablation.seeds]
-    rows, parent_id = run_trials(
+    result = run_trials(
         cfg, folder, kind="ablation", param_space={"cell": tune.grid_search(cells)},
         spec=ablation_trial_spec(ablation), num_samples=1, max_concurrent=ablation.max_concurrent,
         metrics=ablation.metrics, modes=["max"] * len(ablation.metrics), resume=resume,
@@ -189,20 +164,18 @@ def run_ablation(cfg: RunConfig, folder: Path, resume: bool = False,
         parent_params={"ablation.variants": ",".join(ablation.variants), "ablation.seeds": ablation.seeds,
                        "ablation.baseline": ablation.baseline},
     )
+    rows = result.rows
     table = ablation_table(rows, ablation)
     files = [folder / "ablation.csv", folder / "ablation.parquet", folder / "cells.csv"]
-    report.write_table(table, files[0])
-    report.write_table(table, files[1])
-    report.write_table(pd.DataFrame(rows), files[2])
+    tables.write_table(table, files[0])
+    tables.write_table(table, files[1])
+    tables.write_table(pd.DataFrame(rows), files[2])
     markdown = markdown_table(table, ablation)
     (folder / "ablation.md").write_text(markdown)
     files.append(folder / "ablation.md")
     plotted = table[table["n"] > 0]
     if not plotted.empty:
-        report.bar_plot_with_errors(plotted, folder / "ablation.png")
+        plots.bar_plot_with_errors(plotted, folder / "ablation.png")
         files.append(folder / "ablation.png")
-    if cfg.tracking.enabled and parent_id:
-        from crdnd_ray.tracking import Recorder
-
-        Recorder(cfg.tracking, cfg.experiment.name).log_artifacts(parent_id, files)
-    return {"rows": rows, "table": table, "markdown": markdown, "files": files, "parent_run_id": parent_id}
+    result.attach(files)
+    return {"rows": rows, "table": table, "markdown": markdown, "files": files, "parent_run_id": result.parent_run_id}

@@ -1,62 +1,46 @@
-"""Ray Train: one distillation run as data-parallel workers around ``engine.loop``.
-
-Also owns starting or joining Ray (``init_ray``) and sizing resource requests from the cluster
-(``plan_resources``), which the sweep and ablation engines reuse for their trials.
+"""Ray Train: one distillation run as data-parallel workers around ``engine.loop``, and starting or joining
+Ray (``init_ray``), which the Tune driver of ``engine.trials`` reuses.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-import tempfile
-from dataclasses import dataclass
+import socket
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import UserCallback
+from torch.nn.parallel import DistributedDataParallel
+
+from crdnd_ray import runs
 from crdnd_ray.config import RunConfig, ScalingConfig
-
-if TYPE_CHECKING:
-    import torch
+from crdnd_ray.engine.loop import LoopContext, run_training
+from crdnd_ray.engine.resources import ResourcePlan, plan_resources
+from crdnd_ray.engine.teachers import load_teacher
 
 __all__ = [
-    "ResourceError",
-    "ResourcePlan",
+    "RecordingCallback",
     "TrainingFailed",
+    "build_trainer",
     "init_ray",
-    "plan_resources",
     "root_cause",
     "run_distributed",
     "worker_loop",
     "wrap_data_parallel",
 ]
 
-TRIAL_CPU = 0.01
-
-
-class ResourceError(Exception):
-    """A resource request that can never fit the cluster; the message says what was asked and what exists."""
-
-
 class TrainingFailed(RuntimeError):
     """A Ray Train run ended with an error (after any retries)."""
 
 
-def _prepare_ray_environment() -> None:
-    """Keep Ray from writing outside the run: no auth token in ~/.ray, session files in a private tmp."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_TMPDIR", os.path.join(tempfile.gettempdir(), f"crdnd-ray-{os.getuid()}"))
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault("TUNE_RESULT_BUFFER_LENGTH", "1")
-
-
 def init_ray(scaling: ScalingConfig, log_to_driver: bool = True) -> dict[str, float]:
     """Join the cluster at ``scaling.address`` / ``$RAY_ADDRESS``, or start a local Ray; return its resources."""
-    _prepare_ray_environment()
-    import ray
-
     if not ray.is_initialized():
         address = scaling.address or os.environ.get("RAY_ADDRESS")
         if address:
@@ -77,10 +61,6 @@ def _start_local_ray(log_to_driver: bool) -> None:
     process, so that after ``ray.shutdown`` a later ``init_ray`` starts a new Ray instead of joining the
     old address.
     """
-    import socket
-
-    import ray
-
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -98,83 +78,11 @@ def _start_local_ray(log_to_driver: bool) -> None:
                 os.environ[key] = value
 
 
-@dataclass(frozen=True)
-class ResourcePlan:
-    """What each trial and each of its workers asks Ray for."""
-
-    num_workers: int
-    use_gpu: bool
-    worker_resources: dict[str, float]
-    trial_resources: dict[str, float]
-    concurrent: int
-    in_process: bool = False
-
-    def describe(self) -> str:
-        return (f"{self.concurrent} concurrent trial(s) × {self.num_workers} worker(s), "
-                f"each worker {self.worker_resources}, each trial driver {self.trial_resources}")
-
-
-def plan_resources(scaling: ScalingConfig, cluster: dict[str, float], concurrent_trials: int = 1,
-                   in_process: bool = False) -> ResourcePlan:
-    """Size the requests of ``concurrent_trials`` trials of ``scaling.num_workers`` workers from ``cluster``.
-
-    Unset ``resources_per_worker`` are sized so that all concurrent trials fit at once: fractional CPUs
-    on small machines (a whole request per trial would starve the workers), one GPU per worker when
-    GPUs are used. An ``in_process`` trial trains inside its Tune trial and so holds the worker's
-    resources itself. A request that can never fit raises ResourceError at once.
-    """
-    cpus = cluster.get("CPU", 0.0)
-    gpus = cluster.get("GPU", 0.0)
-    use_gpu = scaling.use_gpu if scaling.use_gpu is not None else gpus >= 1
-    workers = scaling.num_workers
-    if use_gpu and gpus < 1:
-        raise ResourceError(
-            f"scaling.use_gpu is true but the Ray cluster has no GPU (it has {cpus:g} CPUs). "
-            "Set scaling.use_gpu: false, or connect to a cluster with GPUs via scaling.address."
-        )
-    if scaling.resources_per_worker:
-        worker = dict(scaling.resources_per_worker)
-    elif use_gpu:
-        per_gpu = gpus / (workers * concurrent_trials)
-        gpu_share = 1.0 if workers > 1 or per_gpu >= 1 else max(per_gpu, 0.1)
-        worker = {"CPU": max(min(cpus / (workers * concurrent_trials) - TRIAL_CPU, 4.0), 0.1), "GPU": gpu_share}
-    else:
-        share = (cpus - TRIAL_CPU * concurrent_trials) / (workers * concurrent_trials)
-        worker = {"CPU": round(min(max(share, 0.05), 1.0), 3)}
-    if use_gpu and workers > 1 and worker.get("GPU", 0) < 1:
-        raise ResourceError(
-            f"{workers} workers cannot share GPUs (NCCL refuses two ranks on one GPU): each worker needs "
-            f"a whole GPU, but resources_per_worker gives {worker.get('GPU', 0):g}."
-        )
-    needed = {key: value * workers for key, value in worker.items()}
-    needed["CPU"] = needed.get("CPU", 0.0) + TRIAL_CPU
-    for key, value in needed.items():
-        available = cluster.get(key, 0.0)
-        if value > available + 1e-9:
-            raise ResourceError(
-                f"One trial asks for {value:g} {key} ({workers} worker(s) × {worker.get(key, 0):g} plus the trial "
-                f"driver), but the Ray cluster has only {available:g} {key} in all ({_describe(cluster)}). "
-                "Lower scaling.num_workers or scaling.resources_per_worker, or connect to a larger cluster "
-                "with scaling.address."
-            )
-    concurrent = max(1, min(concurrent_trials, int(min(
-        cluster.get(key, 0.0) // max(value, 1e-9) for key, value in needed.items()))))
-    trial = dict(worker) if in_process else {"CPU": TRIAL_CPU}
-    return ResourcePlan(workers, use_gpu, worker, trial, concurrent, in_process)
-
-
-def _describe(cluster: dict[str, float]) -> str:
-    shown = {key: value for key, value in cluster.items() if key in ("CPU", "GPU", "memory") or key.startswith("accelerator")}
-    return ", ".join(f"{value:g} {key}" for key, value in shown.items()) or "no resources"
-
-
 def wrap_data_parallel(module: torch.nn.Module, device: torch.device, world_size: int) -> torch.nn.Module:
     """The loop's ``wrap`` on a Ray Train worker: DistributedDataParallel over the default process group.
 
     With one rank the module is returned as is. Tests wrap a distiller with this same function.
     """
-    from torch.nn.parallel import DistributedDataParallel
-
     if world_size == 1:
         return module
     device_ids = [device.index] if device.type == "cuda" else None
@@ -187,14 +95,6 @@ def worker_loop(config: dict[str, Any]) -> None:
     After a worker failure Ray restarts the group with the last reported checkpoint, read in place
     (``as_directory``: no copy when the storage is local, a temporary copy removed afterwards otherwise).
     """
-    import functools
-
-    import ray.train
-    import ray.train.torch
-
-    from crdnd_ray.engine.loop import LoopContext, run_training
-    from crdnd_ray.teachers import load_teacher
-
     cfg = RunConfig.model_validate(config["cfg"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -251,49 +151,64 @@ def _fault_injector(config: dict[str, Any], output_dir: Path, rank: int) -> Call
 
 def build_trainer(cfg: RunConfig, output_dir: Path, teacher_path: Path | None, plan: ResourcePlan,
                   name: str, callbacks: list | None = None, resume: bool = False,
-                  extra_config: dict[str, Any] | None = None):
+                  extra_config: dict[str, Any] | None = None) -> ray.train.torch.TorchTrainer:
     """A TorchTrainer that runs ``cfg`` with ``plan``'s workers and writes everything under ``output_dir``."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig as TrainScaling
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from crdnd_ray.engine.loop import CHECKPOINT_DIR, CHECKPOINT_FILE
-
     output_dir = Path(output_dir).resolve()
-    resume_from = output_dir / CHECKPOINT_DIR if resume and (output_dir / CHECKPOINT_DIR / CHECKPOINT_FILE).exists() else None
+    state = output_dir / runs.STATE_DIR
+    resume_from = state if resume and (state / runs.STATE_FILE).exists() else None
     loop_config = {"cfg": cfg.run_dict(), "output_dir": str(output_dir),
                    "teacher_path": str(Path(teacher_path).resolve()) if teacher_path else None,
                    "resume_from": str(resume_from) if resume_from else None, **(extra_config or {})}
-    return TorchTrainer(
+    return ray.train.torch.TorchTrainer(
         worker_loop,
         train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo"),
-        scaling_config=TrainScaling(num_workers=plan.num_workers, use_gpu=plan.use_gpu,
-                                    resources_per_worker=plan.worker_resources),
-        run_config=TrainRunConfig(
+        torch_config=ray.train.torch.TorchConfig(backend="nccl" if plan.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=plan.num_workers, use_gpu=plan.use_gpu,
+                                               resources_per_worker=plan.worker_resources),
+        run_config=ray.train.RunConfig(
             name=name, storage_path=str(output_dir / "ray_train"), callbacks=callbacks,
-            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )
 
 
-def run_distributed(cfg: RunConfig, output_dir: Path, teacher_path: Path | None, resume: bool = False,
-                    extra_config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run ``cfg`` on Ray Train workers and return the final metrics (raises TrainingFailed)."""
-    from crdnd_ray.engine.loop import read_final_metrics
+class RecordingCallback(UserCallback):
+    """Feeds rank 0's report of every epoch to ``report`` (a :class:`~crdnd_ray.tracking.RunRecord`'s).
 
+    Ray Train runs it in its controller, which Ray places on the driver's node, so a local SQLite store is
+    reachable; nothing else writes to the store while a ``train`` run goes on.
+    """
+
+    def __init__(self, report: Callable[[dict[str, Any]], None]) -> None:
+        self.report = report
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        """Record the metrics that rank 0 reported (every rank reports the same, all-reduced numbers)."""
+        self.report(dict(metrics[0]))
+
+
+def run_distributed(cfg: RunConfig, output_dir: Path, teacher_path: Path | None, resume: bool = False,
+                    report: Callable[[dict[str, Any]], None] | None = None,
+                    extra_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run ``cfg`` on Ray Train workers and return the final metrics (raises TrainingFailed).
+
+    ``report`` receives every epoch's metrics as the loop reported them (see :class:`RecordingCallback`).
+    """
     cluster = init_ray(cfg.scaling)
     plan = plan_resources(cfg.scaling, cluster)
     trainer = build_trainer(cfg, output_dir, teacher_path, plan, name="train", resume=resume,
+                            callbacks=[RecordingCallback(report)] if report is not None else None,
                             extra_config=extra_config)
     try:
         trainer.fit()
     except Exception as error:
         raise TrainingFailed(f"the Ray Train run failed: {root_cause(error)}") from error
-    return read_final_metrics(output_dir)
+    return runs.read_final(output_dir) or {}
 
 
 def root_cause(error: BaseException) -> str:
+    """The innermost cause of ``error`` as ``Type: last line of its message``."""
     while error.__cause__ is not None:
         error = error.__cause__
     text = str(error).strip().splitlines()

@@ -11,7 +11,6 @@ the Unix time at which the last rank started training the epoch).
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 import time
@@ -25,27 +24,22 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from crdnd_ray import attacks
-from crdnd_ray.checkpoints import save_model, unwrap
-from crdnd_ray.config import ConfigError, RunConfig
+from crdnd_ray import attacks, runs
+from crdnd_ray.checkpoints import load_model, save_model, unwrap
+from crdnd_ray.config import ConfigError, RunConfig, check_batch_split
 from crdnd_ray.data import build_datasets
 from crdnd_ray.methods import build_distiller
 from crdnd_ray.models import build_model
 
 __all__ = [
-    "CHECKPOINT_DIR",
-    "CHECKPOINT_FILE",
     "DivergedError",
     "LoopContext",
     "configure_threads",
     "evaluate_distributed",
-    "read_metrics",
     "run_training",
     "seed_everything",
 ]
 
-CHECKPOINT_DIR = "checkpoint"
-CHECKPOINT_FILE = "state.pt"
 Reporter = Callable[[dict[str, Any], "Path | None"], None]
 
 
@@ -149,12 +143,8 @@ def _lr_factor(cfg: RunConfig) -> Callable[[int], float]:
 
 
 def _train_loader(dataset: Dataset, cfg: RunConfig, context: LoopContext) -> tuple[DataLoader, DistributedSampler]:
+    check_batch_split(cfg.data.batch_size, context.world_size)
     per_worker = cfg.data.batch_size // context.world_size
-    if per_worker < 1 or cfg.data.batch_size % context.world_size:
-        raise ValueError(
-            f"data.batch_size={cfg.data.batch_size} is the global batch and must split evenly over "
-            f"{context.world_size} workers; choose a multiple of {context.world_size}."
-        )
     # One process too shuffles with the sampler seeded by (seed, epoch): a resumed run then sees the
     # same data order as one that was never interrupted.
     sampler = DistributedSampler(dataset, num_replicas=context.world_size, rank=context.rank,
@@ -163,19 +153,6 @@ def _train_loader(dataset: Dataset, cfg: RunConfig, context: LoopContext) -> tup
                         num_workers=cfg.data.loader_workers, pin_memory=cfg.train.pin_memory,
                         persistent_workers=cfg.data.loader_workers > 0)
     return loader, sampler
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The per-epoch metric dicts of a ``metrics.jsonl`` file (empty when it does not exist)."""
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text("".join(json.dumps(row) + "\n" for row in history))
-    temporary.replace(path)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -202,9 +179,10 @@ def run_training(cfg: RunConfig, output_dir: Path, teacher: nn.Module | None,
                  context: LoopContext | None = None) -> dict[str, Any]:
     """Train ``cfg``'s student with its method, evaluate it, and return the final metrics.
 
-    Writes into ``output_dir`` (rank 0 only): ``metrics.jsonl`` (one line per epoch), ``best.pt`` and
-    ``last.pt`` (student checkpoints) and ``final_metrics.json`` (the attack suite on the best and last
-    checkpoints). The last epoch's report carries the final metrics as ``best_*`` and ``last_*``.
+    Writes the run folder of :mod:`crdnd_ray.runs` into ``output_dir`` (rank 0 only): ``metrics.jsonl``,
+    ``best.pt``, ``last.pt``, ``checkpoint/state.pt`` and, at the end, ``final_metrics.json`` (the attack suite
+    on the best and last checkpoints). The last epoch's report carries the final metrics as ``best_*`` and
+    ``last_*`` (and ``best_epoch``); rank 0 returns them, other ranks an empty dict.
     """
     context = context or LoopContext()
     device = context.device
@@ -233,17 +211,16 @@ def run_training(cfg: RunConfig, output_dir: Path, teacher: nn.Module | None,
     optimizer = torch.optim.SGD(distiller.parameter_groups(cfg.train.weight_decay), lr=cfg.train.lr,
                                 momentum=cfg.train.momentum, nesterov=cfg.train.nesterov)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg))
-    metrics_path = output_dir / "metrics.jsonl"
     start_epoch, best_score, history = 0, -math.inf, []
     if context.resume_from is not None:
-        state = torch.load(Path(context.resume_from) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        state = torch.load(Path(context.resume_from) / runs.STATE_FILE, map_location="cpu", weights_only=True)
         unwrap(distiller.student).load_state_dict(state["student"])
         distiller.extras.load_state_dict(state["extras"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         start_epoch, best_score = state["epoch"] + 1, state["best_score"]
-        history = [row for row in read_metrics(metrics_path) if row["epoch"] < start_epoch]
+        history = [row for row in runs.read_metrics(output_dir) if row["epoch"] < start_epoch]
     trained = context.wrap(distiller)
     if cfg.train.compile:
         trained = torch.compile(trained)
@@ -314,53 +291,40 @@ def run_training(cfg: RunConfig, output_dir: Path, teacher: nn.Module | None,
         checkpoint_dir = None
         if is_main:
             if improved:
-                save_model(output_dir / "best.pt", distiller.student, extra={"epoch": epoch}, **save_facts)
-            save_model(output_dir / "last.pt", distiller.student, extra={"epoch": epoch}, **save_facts)
-            _write_metrics(metrics_path, history)
+                save_model(output_dir / runs.BEST_CHECKPOINT, distiller.student, extra={"epoch": epoch}, **save_facts)
+            save_model(output_dir / runs.LAST_CHECKPOINT, distiller.student, extra={"epoch": epoch}, **save_facts)
+            runs.write_metrics(output_dir, history)
         if last_epoch:
-            row.update(_final_evaluation(cfg, output_dir, test_set, save_facts, context))
+            row.update(_final_evaluation(cfg, output_dir, test_set, context))
         if is_main:
-            checkpoint_dir = output_dir / CHECKPOINT_DIR
+            checkpoint_dir = output_dir / runs.STATE_DIR
             checkpoint_dir.mkdir(exist_ok=True)
-            temporary = checkpoint_dir / (CHECKPOINT_FILE + ".tmp")
+            temporary = checkpoint_dir / (runs.STATE_FILE + ".tmp")
             torch.save({"student": unwrap(distiller.student).state_dict(), "extras": distiller.extras.state_dict(),
                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "rng": _rng_state(), "epoch": epoch, "best_score": best_score}, temporary)
-            temporary.replace(checkpoint_dir / CHECKPOINT_FILE)
+            temporary.replace(checkpoint_dir / runs.STATE_FILE)
         if context.report is not None:
             context.report(row, checkpoint_dir)
-    return read_final_metrics(output_dir) if is_main else {}
+    return (runs.read_final(output_dir) or {}) if is_main else {}
 
 
-def read_final_metrics(output_dir: Path) -> dict[str, Any]:
-    """The flat ``best_*``/``last_*`` metrics of a finished run (empty when it has not finished)."""
-    path = Path(output_dir) / "final_metrics.json"
-    if not path.exists():
-        return {}
-    final = json.loads(path.read_text())
-    return {f"{which}_{name}": value for which in ("best", "last") for name, value in final[which].items()}
-
-
-def _final_evaluation(cfg: RunConfig, output_dir: Path, test_set: Dataset, save_facts: dict[str, Any],
-                      context: LoopContext) -> dict[str, Any]:
-    """Run the attack suite on the best and last checkpoints; return ``best_*``/``last_*`` metrics."""
-    from crdnd_ray.checkpoints import load_model
-
+def _final_evaluation(cfg: RunConfig, output_dir: Path, test_set: Dataset, context: LoopContext) -> dict[str, Any]:
+    """Run the attack suite on the best and last checkpoints; return ``best_*``/``last_*`` and ``best_epoch``."""
     if _distributed():
         dist.barrier()
     results: dict[str, dict[str, float]] = {}
     for which in ("best", "last"):
-        model = load_model(output_dir / f"{which}.pt").to(context.device)
+        checkpoint = runs.BEST_CHECKPOINT if which == "best" else runs.LAST_CHECKPOINT
+        model = load_model(output_dir / checkpoint).to(context.device)
         if context.progress and context.rank == 0:
             context.progress(f"final evaluation of the {which} checkpoint: {', '.join(cfg.eval.final_attack_names)}")
         results[which] = evaluate_distributed(model, test_set, cfg.eval.final_attack_names, eps=cfg.eval.eps,
                                               limit=cfg.eval.final_limit, batch_size=cfg.data.eval_batch_size,
                                               rank=context.rank, world_size=context.world_size,
                                               device=context.device)
-    best_epoch = torch.load(output_dir / "best.pt", map_location="cpu", weights_only=True)["epoch"]
+    best_epoch = torch.load(output_dir / runs.BEST_CHECKPOINT, map_location="cpu", weights_only=True)["epoch"]
+    final = {"best": results["best"], "last": results["last"], "best_epoch": best_epoch}
     if context.rank == 0:
-        payload = {"best": results["best"], "last": results["last"], "best_epoch": best_epoch}
-        (output_dir / "final_metrics.json").write_text(json.dumps(payload, indent=2))
-    flat = {f"{which}_{name}": value for which in results for name, value in results[which].items()}
-    flat["best_epoch"] = best_epoch
-    return flat
+        return runs.write_final(output_dir, results["best"], results["last"], best_epoch)
+    return runs.flatten_final(final)

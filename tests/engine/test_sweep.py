@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,7 @@ from typer.testing import CliRunner
 
 from conftest import REPO, interrupt_then_resume, small_config
 from crdnd_ray.cli import app
-from crdnd_ray.config import ConfigError
+from crdnd_ray.config import ConfigError, load_config
 from crdnd_ray.engine.sweep import plan_sweep, run_sweep, validate_space
 
 pytestmark = pytest.mark.slow
@@ -131,7 +133,13 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path
 def test_search_space_files_validate_with_dry_run(name):
     result = CliRunner().invoke(app, ["sweep", str(REPO / "search_spaces" / f"{name}.yaml"), "--dry-run"])
     assert result.exit_code == 0, result.output
-    assert '"trials"' in result.output
+    printed = json.loads(result.stdout)
+    cfg = load_config(REPO / "search_spaces" / f"{name}.yaml")
+    plan = printed["plan"]
+    assert plan["kind"] == "sweep" and plan["trials"] == cfg.search.num_samples
+    assert plan["epochs"] == cfg.train.epochs and 1 <= plan["concurrent"] <= cfg.search.max_concurrent
+    assert set(plan["details"]["space"]) == set(cfg.search.space)
+    assert printed["config"] == cfg.run_dict()
 
 
 @pytest.mark.parametrize("space, message", [
@@ -151,7 +159,13 @@ def test_asha_with_several_objectives_is_refused():
         small_config(**{"search.metric": ["clean_acc", "pgd20_acc"], "search.mode": ["max", "max"]})
 
 
-def test_dry_run_plans_fractional_cpus_on_a_small_machine():
-    plan = plan_sweep(small_config())
-    assert plan.trials == 8 and plan.in_process
-    assert plan.concurrent >= 1
+def test_dry_run_plans_fractional_cpus_that_fit_this_machine():
+    cfg = small_config()
+    plan = plan_sweep(cfg)
+    cpus = float(os.cpu_count() or 1)
+    assert plan.trials == cfg.search.num_samples and plan.in_process
+    assert plan.details["cluster"] == {"CPU": cpus}
+    share = round(min((cpus - 0.01 * cfg.search.max_concurrent) / cfg.search.max_concurrent, 1.0), 3)
+    assert f"each worker {{'CPU': {share}}}" in plan.resources
+    assert plan.concurrent == min(cfg.search.max_concurrent, int(cpus // (share + 0.01)))
+    assert 0 < share < 1 or cpus > cfg.search.max_concurrent

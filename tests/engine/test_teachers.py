@@ -29,9 +29,9 @@ from crdnd_ray.checkpoints import load_model
 from crdnd_ray.config import load_config
 from crdnd_ray.data import build_datasets
 from crdnd_ray.models import build_model
-from crdnd_ray.teachers import _teacher_key, prepare_teacher
+from crdnd_ray.engine.teachers import _teacher_key, prepare_teacher
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DIGITS = REPO / "search_spaces" / "digits.yaml"
 CLI = str(Path(sys.executable).with_name("crdnd-ray"))
 TEACHER_BUDGET_S = 120.0
@@ -190,7 +190,7 @@ def test_teacher_is_cached_by_config_hash(tmp_path):
     # Student-only settings share the teacher; anything that changes the teacher gets a new folder.
     same = [{"method.contrastive.weight": 2.0}, {"method.temperature": 4.0}, {"method.compensation.kind": "none"},
             {"train.epochs": 5}, {"student.kwargs": {"width": 8}}, {"tracking.enabled": True},
-            {"data.root": str(tmp_path / "elsewhere")}, {"search": None}]
+            {"data.root": str(tmp_path / "elsewhere")}, {"search": None}, {"method.trades.beta": 3.0}]
     for change in same:
         assert _teacher_key(_quick_teacher_config(**change)) == _teacher_key(cfg), change
     different = [{"teacher.training.lr": 0.1}, {"teacher.training.epochs": 2}, {"teacher.training.method": "trades"},
@@ -198,6 +198,9 @@ def test_teacher_is_cached_by_config_hash(tmp_path):
                  {"data.train_limit": 64}]
     keys = {_teacher_key(_quick_teacher_config(**change)) for change in different}
     assert len(keys) == len(different) and _teacher_key(cfg) not in keys
+    trades = {"teacher.training.method": "trades"}
+    assert (_teacher_key(_quick_teacher_config(**trades, **{"method.trades.beta": 3.0}))
+            != _teacher_key(_quick_teacher_config(**trades))), "one TRADES β: method.trades.beta trains the teacher"
     third = prepare_teacher(_quick_teacher_config(**{"teacher.training.lr": 0.1}), cache_root=cache)
     assert third is not None and third != first and third.parent.parent == cache and third.is_file()
     assert first.stat().st_mtime_ns == mtime

@@ -25,21 +25,16 @@ from conftest import REPO, run_gloo_ranks, small_config
 from torch import nn
 from typer.testing import CliRunner
 
-from crdnd_ray.cli import app, write_resolved_config
-from crdnd_ray.config import RunConfig, ScalingConfig
+from crdnd_ray import runs
+from crdnd_ray.cli import app
+from crdnd_ray.config import RunConfig
 from crdnd_ray.data import build_datasets, dataset_info
-from crdnd_ray.engine.distributed import (
-    ResourceError,
-    build_trainer,
-    init_ray,
-    plan_resources,
-    run_distributed,
-    wrap_data_parallel,
-)
-from crdnd_ray.engine.loop import LoopContext, read_final_metrics, read_metrics, run_training
+from crdnd_ray.engine.distributed import build_trainer, init_ray, run_distributed, wrap_data_parallel
+from crdnd_ray.engine.loop import LoopContext, run_training
+from crdnd_ray.engine.resources import plan_resources
+from crdnd_ray.engine.teachers import load_teacher
 from crdnd_ray.methods import build_distiller
 from crdnd_ray.models import build_model
-from crdnd_ray.teachers import load_teacher
 
 BATCH = 64
 TIMING = ("images_per_s", "epoch_time_s", "epoch_started_at")
@@ -123,14 +118,6 @@ def test_two_gloo_ranks_give_the_full_batch_gradient(digits_teacher: Path, tmp_p
         torch.testing.assert_close(distributed["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_sync_batchnorm_on_cpu_workers_is_a_clear_error(digits_teacher: Path, tmp_path: Path):
-    from crdnd_ray.config import ConfigError
-
-    cfg = small_config(**{"teacher.checkpoint": str(digits_teacher), "scaling.sync_batchnorm": True})
-    with pytest.raises(ConfigError, match="SyncBatchNorm does not run on CPU"):
-        run_training(cfg, tmp_path, None, LoopContext(rank=0, world_size=2))
-
-
 def _record_reports_callback(path: Path):
     """A Ray Train UserCallback (runs in the controller) that appends every rank's metrics per report."""
     from ray.train import UserCallback
@@ -162,7 +149,7 @@ def killed_worker_run(ray_session, digits_teacher: Path, tmp_path_factory: pytes
 def test_killed_worker_resumes_from_the_checkpoint(killed_worker_run: dict):
     output = killed_worker_run["output"]
     assert (output / ".fault-injected").read_text().startswith("rank 1 killed at epoch 1")
-    assert [row["epoch"] for row in read_metrics(output / "metrics.jsonl")] == [0, 1, 2]
+    assert [row["epoch"] for row in runs.read_metrics(output)] == [0, 1, 2]
     # Epoch 0 was reported before the failure; the new group resumed from its checkpoint at epoch 1.
     reports = [ranks[0] for ranks in killed_worker_run["reports"]]
     assert [row["epoch"] for row in reports] == [0, 1, 2]
@@ -188,13 +175,13 @@ def test_one_ray_train_worker_matches_the_local_loop(ray_session, digits_teacher
     run_training(cfg, tmp_path / "local", load_teacher(cfg, digits_teacher), LoopContext())
     run_distributed(cfg, tmp_path / "ray", digits_teacher)
 
-    local, remote = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("local", "ray"))
+    local, remote = (runs.read_metrics(tmp_path / name) for name in ("local", "ray"))
     assert [row["epoch"] for row in remote] == [row["epoch"] for row in local] == [0, 1]
     for mine, theirs in zip(local, remote):
         assert set(mine) == set(theirs)
         for key in set(mine) - set(TIMING):
             assert theirs[key] == pytest.approx(mine[key], rel=1e-5, abs=1e-6), key
-    assert read_final_metrics(tmp_path / "ray") == pytest.approx(read_final_metrics(tmp_path / "local"))
+    assert runs.read_final(tmp_path / "ray") == pytest.approx(runs.read_final(tmp_path / "local"))
 
 
 @pytest.mark.slow
@@ -211,17 +198,6 @@ def test_ray_processes_know_their_own_cluster(ray_session):
     assert address is not None and address.rsplit(":", 1)[1] == gcs_port
     assert nodes == 1
     assert "RAY_ADDRESS" not in os.environ or os.environ["RAY_ADDRESS"] != address
-
-
-def test_impossible_requests_are_refused_at_once():
-    cluster = {"CPU": 2.0, "memory": 8e9}
-    with pytest.raises(ResourceError, match=r"asks for 8.01 CPU \(8 worker\(s\) × 1 plus .*only 2 CPU"):
-        plan_resources(ScalingConfig(num_workers=8, resources_per_worker={"CPU": 1}), cluster)
-    with pytest.raises(ResourceError, match="use_gpu is true but the Ray cluster has no GPU"):
-        plan_resources(ScalingConfig(use_gpu=True), cluster)
-    with pytest.raises(ResourceError, match="cannot share GPUs"):
-        plan_resources(ScalingConfig(num_workers=2, use_gpu=True, resources_per_worker={"CPU": 1, "GPU": 0.5}),
-                       {"CPU": 8.0, "GPU": 1.0})
 
 
 @pytest.mark.slow
@@ -246,37 +222,6 @@ def test_cli_reports_an_impossible_request_with_exit_code_2(ray_session, digits_
     ])
     assert result.exit_code == 2, result.output
     assert "has no GPU" in " ".join(result.output.split())
-
-
-def test_resume_continues_an_interrupted_local_run(digits_teacher: Path, tmp_path: Path):
-    cfg = small_config(**{"teacher.checkpoint": str(digits_teacher), "train.epochs": 4})
-    teacher = load_teacher(cfg, digits_teacher)
-    straight = tmp_path / "straight"
-    run_training(cfg, straight, teacher, LoopContext())
-
-    interrupted = tmp_path / "interrupted"
-    interrupted.mkdir()
-    write_resolved_config(cfg, interrupted)
-
-    def interrupt(epoch: int) -> None:
-        if epoch == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        run_training(cfg, interrupted, teacher, LoopContext(on_epoch_start=interrupt))
-    assert [row["epoch"] for row in read_metrics(interrupted / "metrics.jsonl")] == [0, 1]
-    assert not (interrupted / "final_metrics.json").exists()
-
-    result = CliRunner().invoke(app, ["train", "--resume", str(interrupted)])
-    assert result.exit_code == 0, result.output
-    resumed = read_metrics(interrupted / "metrics.jsonl")
-    assert [row["epoch"] for row in resumed] == [0, 1, 2, 3]
-    # The resumed run continues exactly where the interrupted one stopped (model, optimiser, schedule,
-    # RNG and data order), so it matches the run that was never interrupted.
-    for mine, theirs in zip(read_metrics(straight / "metrics.jsonl"), resumed):
-        assert {k: v for k, v in theirs.items() if k not in TIMING} == pytest.approx(
-            {k: v for k, v in mine.items() if k not in TIMING}, rel=1e-6)
-    assert read_final_metrics(interrupted) == pytest.approx(read_final_metrics(straight))
 
 
 @pytest.mark.slow

@@ -1,52 +1,46 @@
-"""The one YAML schema that every command reads, as pydantic models, with loading and clear errors.
+"""The one YAML schema that every command reads, as pydantic models.
 
 A run config, a sweep file and an ablation file share this schema: the ``search`` and ``ablation``
 sections are optional, so a sweep or ablation file is also a valid run config whose fixed values are
-the run's. ``--set dotted.key=value`` overrides are applied to the raw YAML before validation, so they
-are checked exactly like values written in the file.
+the run's.
 """
 
 from __future__ import annotations
 
 import difflib
-import hashlib
 import inspect
-import json
 import re
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from crdnd_ray.config.overrides import apply_overrides
+from crdnd_ray.config.validation import validate_model
 
 __all__ = [
     "AblationConfig",
     "AttackConfig",
     "CompensationConfig",
-    "ConfigError",
     "ContrastiveConfig",
     "DataConfig",
     "EvalConfig",
     "ExperimentConfig",
+    "IadConfig",
     "MethodConfig",
     "ModelConfig",
+    "ParameterSpec",
     "RunConfig",
+    "SamplerConfig",
     "ScalingConfig",
+    "SchedulerConfig",
     "SearchConfig",
     "TeacherConfig",
+    "TeacherTrainingConfig",
     "TrackingConfig",
+    "TradesConfig",
     "TrainConfig",
-    "apply_overrides",
-    "config_hash",
-    "flatten",
-    "load_config",
-    "parse_override",
+    "check_batch_split",
 ]
-
-
-class ConfigError(Exception):
-    """A configuration problem, with a one-paragraph message meant for the user (no traceback)."""
 
 
 _FRACTION = re.compile(r"^\s*([-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)\s*/\s*(\d+(?:\.\d*)?)\s*$")
@@ -143,12 +137,14 @@ class ModelConfig(_Section):
 
 
 class TeacherTrainingConfig(_Section):
-    """How ``crdnd-ray teacher`` trains a robust teacher when no checkpoint is given."""
+    """How ``crdnd-ray teacher`` trains a robust teacher when no checkpoint is given.
+
+    A TRADES teacher uses ``method.trades.beta``, the one TRADES β of the config.
+    """
 
     method: Literal["sat", "trades"] = "sat"
     epochs: int = Field(default=20, ge=1)
     lr: PositiveNumber = 0.05
-    trades_beta: PositiveNumber = 6.0
 
 
 class TeacherConfig(_Section):
@@ -194,6 +190,8 @@ class ContrastiveConfig(_Section):
 
 
 class TradesConfig(_Section):
+    """TRADES (a student method, or the teacher's training when ``teacher.training.method: trades``)."""
+
     beta: PositiveNumber = 6.0
 
 
@@ -412,11 +410,7 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _check_batch_split(self) -> RunConfig:
-        if self.data.batch_size % self.scaling.num_workers:
-            raise ValueError(
-                f"data.batch_size={self.data.batch_size} is the global batch and must split evenly over "
-                f"scaling.num_workers={self.scaling.num_workers}; choose a multiple of {self.scaling.num_workers}"
-            )
+        check_batch_split(self.data.batch_size, self.scaling.num_workers)
         return self
 
     def run_dict(self) -> dict[str, Any]:
@@ -427,219 +421,15 @@ class RunConfig(_Section):
         """A new validated config with dotted-key ``overrides`` applied (raises ConfigError)."""
         raw = self.model_dump(mode="json", exclude_none=False)
         apply_overrides(raw, overrides, source=source)
-        return validate_config(raw, source=source)
+        return validate_model(RunConfig, raw, source=source)
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Flatten a nested dict into dotted keys (lists are kept as values)."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{dotted}."))
-        else:
-            flat[dotted] = value
-    return flat
-
-
-def config_hash(tree: Any) -> str:
-    """A short stable hash of any JSON-serialisable value (used to cache teachers)."""
-    payload = json.dumps(tree, sort_keys=True, default=str).encode()
-    return hashlib.sha256(payload).hexdigest()[:12]
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """Parse ``dotted.key=value``; the value is read as YAML (``8/255``, lists and booleans work)."""
-    if "=" not in text:
-        raise ConfigError(
-            f"The override '--set {text}' has no '='. Write it as --set dotted.key=value, "
-            "for example --set train.epochs=5."
+def check_batch_split(batch_size: int, workers: int) -> None:
+    """Refuse a global batch that does not split evenly over ``workers`` (ValueError with the fix)."""
+    if batch_size % workers:
+        raise ValueError(
+            f"data.batch_size={batch_size} is the global batch and must split evenly over "
+            f"{workers} workers (scaling.num_workers); choose a multiple of {workers}"
         )
-    key, value = text.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise ConfigError(f"The override '--set {text}' has an empty key. Write it as --set dotted.key=value.")
-    try:
-        parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
-        parsed = value
-    return key, parsed
 
 
-def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any], source: str = "overrides") -> None:
-    """Set each dotted key of ``overrides`` in the nested ``raw`` dict, creating sections as needed.
-
-    Inside free-form mappings (``student.kwargs``, ``search.space``, ...) the rest of the key is one
-    entry, so ``--set search.space.method.temperature={type: uniform, low: 1, high: 4}`` works; inside
-    ``ablation.variants.NAME`` the rest is one dotted override of that variant.
-    """
-    for dotted, value in overrides.items():
-        parts = _split_key(dotted)
-        node = raw
-        for depth, part in enumerate(parts[:-1]):
-            if node.get(part) is None:
-                node[part] = {}
-            if not isinstance(node[part], dict):
-                raise ConfigError(
-                    f"Cannot set '{dotted}' from {source}: '{'.'.join(parts[: depth + 1])}' is a value, "
-                    "not a section. Set the section's keys one by one instead."
-                )
-            node = node[part]
-        node[parts[-1]] = value
-
-
-_FREE_FORM_SECTIONS = ("student.kwargs", "teacher.kwargs", "scaling.resources_per_worker", "search.space")
-
-
-def _split_key(dotted: str) -> list[str]:
-    for prefix in _FREE_FORM_SECTIONS:
-        if dotted.startswith(prefix + "."):
-            return prefix.split(".") + [dotted[len(prefix) + 1 :]]
-    if dotted.startswith("ablation.variants."):
-        name, _, rest = dotted[len("ablation.variants.") :].partition(".")
-        return ["ablation", "variants", name] + ([rest] if rest else [])
-    return dotted.split(".")
-
-
-def _yaml_lines(text: str) -> dict[tuple[str, ...], int]:
-    """Map each key path of a YAML document to its 1-based line number."""
-    lines: dict[tuple[str, ...], int] = {}
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError:
-        return lines
-
-    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for key_node, value_node in node.value:
-                key = str(key_node.value)
-                lines[path + (key,)] = key_node.start_mark.line + 1
-                walk(value_node, path + (key,))
-        elif isinstance(node, yaml.SequenceNode):
-            for position, item in enumerate(node.value):
-                lines[path + (str(position),)] = item.start_mark.line + 1
-                walk(item, path + (str(position),))
-
-    if root is not None:
-        walk(root, ())
-    return lines
-
-
-def _suggest(key: str, location: tuple[Any, ...]) -> str:
-    model: Any = RunConfig
-    for part in location[:-1]:
-        fields = getattr(model, "model_fields", None)
-        if not fields or part not in fields:
-            return ""
-        annotation = fields[part].annotation
-        model = next(
-            (arg for arg in (getattr(annotation, "__args__", None) or (annotation,)) if hasattr(arg, "model_fields")),
-            None,
-        )
-        if model is None:
-            return ""
-    fields = getattr(model, "model_fields", {})
-    close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
-    if close:
-        return f" Did you mean '{close[0]}'?"
-    return f" Valid keys here are: {', '.join(fields)}." if fields else ""
-
-
-def _override_source(location: tuple[str, ...], overridden: dict[tuple[str, ...], str]) -> str | None:
-    """The ``--set`` override that set the value at ``location`` (or a section above or below it)."""
-    for path, text in overridden.items():
-        cut = min(len(path), len(location))
-        if cut and path[:cut] == location[:cut]:
-            return text
-    return None
-
-
-def _describe_errors(error: ValidationError, source: str, lines: dict[tuple[str, ...], int],
-                     overridden: dict[tuple[str, ...], str] | None = None) -> str:
-    problems = []
-    for item in error.errors():
-        location = tuple(str(part) for part in item["loc"] if not str(part).startswith("function-after"))
-        location = tuple(part for part in location if part not in ("str", "list[str]", "float", "int"))
-        dotted = ".".join(location) or "(top level)"
-        override = _override_source(location, overridden or {})
-        line = None
-        for cut in range(len(location), 0, -1):
-            line = lines.get(location[:cut])
-            if line:
-                break
-        if override is not None:
-            where = f"--set {override} (on top of {source})"
-        else:
-            where = f"{source}, line {line}" if line else source
-        if item["type"] == "extra_forbidden":
-            hint = _suggest(location[-1], location)
-            problems.append(f"{where}: unknown key '{dotted}'.{hint}")
-        else:
-            message = item["msg"].removeprefix("Value error, ")
-            given = item.get("input")
-            shown = "" if isinstance(given, dict) else f" (got {given!r})"
-            problems.append(f"{where}: '{dotted}' is invalid: {message}{shown}.")
-    return " ".join(problems) + " Fix the value in the file or with --set and run the command again."
-
-
-def validate_config(raw: dict[str, Any], source: str = "config", text: str = "",
-                    overridden: dict[tuple[str, ...], str] | None = None) -> RunConfig:
-    """Validate a raw mapping into a RunConfig, turning every problem into a ConfigError.
-
-    ``overridden`` maps the key paths set by ``--set`` to the override's text, so a bad override is
-    reported as that ``--set`` rather than as a line of the file.
-    """
-    try:
-        return RunConfig.model_validate(raw)
-    except ValidationError as error:
-        raise ConfigError(_describe_errors(error, source, _yaml_lines(text), overridden)) from None
-
-
-def load_config(path: str | Path | None, overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
-    """Load and validate a YAML config file (or the defaults when ``path`` is None), with overrides.
-
-    Raises ConfigError with a message that names the file, the key path and the line.
-    """
-    text = ""
-    source = "the built-in defaults"
-    raw: dict[str, Any] = {}
-    if path is not None:
-        file = Path(path)
-        source = str(file)
-        if not file.is_file():
-            raise ConfigError(
-                f"The config file '{file}' does not exist. Check the path; the shipped examples live in "
-                "search_spaces/ and ablations/."
-            )
-        text = file.read_text()
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            line = f", line {mark.line + 1} column {mark.column + 1}" if mark else ""
-            problem = getattr(error, "problem", None) or str(error)
-            raise ConfigError(
-                f"{file}{line}: this is not valid YAML ({problem}). Fix the syntax (indentation, colons, "
-                "quotes) and run the command again."
-            ) from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(
-                f"{file}: the top level must be a mapping of sections (experiment, data, method, ...), "
-                f"not a {type(loaded).__name__}."
-            )
-        raw = loaded
-    overridden: dict[tuple[str, ...], str] = {}
-    if overrides:
-        if isinstance(overrides, list):
-            pairs = {}
-            for item in overrides:
-                key, value = parse_override(item)
-                pairs[key] = value
-                overridden[tuple(_split_key(key))] = item.strip()
-        else:
-            pairs = dict(overrides)
-            overridden = {tuple(_split_key(key)): f"{key}={value!r}" for key, value in pairs.items()}
-        apply_overrides(raw, pairs, source=f"--set in {source}")
-    return validate_config(raw, source=source, text=text, overridden=overridden)

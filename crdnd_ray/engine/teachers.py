@@ -15,9 +15,11 @@ from typing import Any, Callable
 
 from torch import nn
 
+from crdnd_ray import runs
 from crdnd_ray.checkpoints import load_model
 from crdnd_ray.config import RunConfig, config_hash
 from crdnd_ray.data import dataset_info
+from crdnd_ray.engine.loop import LoopContext, run_training
 from crdnd_ray.methods import METHODS
 
 __all__ = ["load_teacher", "needs_teacher", "prepare_teacher", "teacher_cache_root", "teacher_run_config",
@@ -44,7 +46,6 @@ def teacher_run_config(cfg: RunConfig) -> RunConfig:
             "method.name": training.method,
             "method.temperature": None,
             "method.alpha": None,
-            "method.trades.beta": training.trades_beta,
             "attack.start": None,
             "attack.bn_mode": None,
             "train.epochs": training.epochs,
@@ -65,7 +66,9 @@ def _teacher_key(cfg: RunConfig) -> str:
     """
     run = teacher_run_config(cfg).run_dict()
     relevant = {key: run[key] for key in ("data", "student", "method", "attack", "train", "eval")}
-    relevant["method"] = {"name": run["method"]["name"], "trades": run["method"]["trades"]}
+    relevant["method"] = {"name": run["method"]["name"]}
+    if run["method"]["name"] == "trades":
+        relevant["method"]["trades"] = run["method"]["trades"]
     relevant["seed"] = cfg.experiment.seed
     relevant["data"] = {k: v for k, v in relevant["data"].items() if k not in ("root", "download", "loader_workers")}
     return config_hash(relevant)
@@ -73,11 +76,9 @@ def _teacher_key(cfg: RunConfig) -> str:
 
 def train_teacher(cfg: RunConfig, output_dir: Path, progress: Callable[[str], None] | None = None) -> Path:
     """Train ``cfg``'s teacher into ``output_dir`` and return the path of its best-PGD checkpoint."""
-    from crdnd_ray.engine.loop import LoopContext, run_training
-
     run_training(teacher_run_config(cfg), output_dir, None, LoopContext(progress=progress))
     teacher_path = Path(output_dir) / "teacher.pt"
-    shutil.copyfile(Path(output_dir) / "best.pt", teacher_path)
+    shutil.copyfile(Path(output_dir) / runs.BEST_CHECKPOINT, teacher_path)
     return teacher_path
 
 

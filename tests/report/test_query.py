@@ -1,5 +1,5 @@
-"""Tests of ``crdnd_ray.report``: tables from a real SQLite MLflow store match what was recorded, every table
-format reads back, the Pareto mask on a hand example, and every plot is a non-empty PNG."""
+"""Tests of ``crdnd_ray.report``: tables from a real SQLite MLflow store match what was recorded, and the
+``report`` command prints and writes them with their plots."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import io
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 pd = pytest.importorskip("pandas")
@@ -16,9 +15,9 @@ pytest.importorskip("mlflow")
 import pyarrow.parquet as pq  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 
-from crdnd_ray import report  # noqa: E402
+from crdnd_ray import report, tables  # noqa: E402
 from crdnd_ray.config import TrackingConfig  # noqa: E402
-from crdnd_ray.tracking import Recorder, normalize_tracking_uri  # noqa: E402
+from crdnd_ray.tracking.store import Recorder, normalize_tracking_uri  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 EXPERIMENT = "report-exp"
@@ -176,61 +175,23 @@ def test_report_command_errors(store: dict, tmp_path: Path) -> None:
 
 def test_every_table_format_reads_back(store: dict, tmp_path: Path) -> None:
     frame = report.runs_frame(store["uri"], EXPERIMENT, parent_run_id=store["sweep"])
-    parquet = report.write_table(frame, tmp_path / "t.parquet")
+    parquet = tables.write_table(frame, tmp_path / "t.parquet")
     pd.testing.assert_frame_equal(pq.read_table(parquet).to_pandas(), frame)
-    csv = report.write_table(frame, tmp_path / "t.csv")
+    csv = tables.write_table(frame, tmp_path / "t.csv")
     pd.testing.assert_frame_equal(pd.read_csv(csv), frame, check_dtype=False)
-    markdown = report.write_table(frame, tmp_path / "t.md").read_text().splitlines()
+    markdown = tables.write_table(frame, tmp_path / "t.md").read_text().splitlines()
     assert len(markdown) == len(frame) + 2
     assert [cell.strip() for cell in markdown[0].strip("|").split("|")] == list(frame.columns)
-    assert markdown[1].count("---:") == sum(report._is_numeric(frame, c) for c in frame.columns)
+    assert markdown[1].count("---:") == sum(tables.is_numeric_column(frame, c) for c in frame.columns)
     assert "| trial-2 | stopped_early | transition | 4 | 2 |  |  |  | 52 | 22 | 0 |" in markdown[4]
-    assert report.format_table(frame, "md") == report.markdown_table(frame)
+    assert report.format_table(frame, "md") == tables.markdown_table(frame)
     assert report.format_table(frame, "csv") == frame.to_csv(index=False)
     text = report.format_table(frame, "table", title="sweep")
     assert all(run_id in text for run_id in frame["run_id"]) and "stopped_early" in text
     with pytest.raises(ValueError, match=r"\.csv, \.parquet or \.md"):
-        report.write_table(frame, tmp_path / "t.xlsx")
+        tables.write_table(frame, tmp_path / "t.xlsx")
 
     mixed = pd.DataFrame({"a": [1, "x", None], "b": [{"k": 1}, [1, 2], 3.5]})
-    back = pq.read_table(report.write_table(mixed, tmp_path / "mixed.parquet")).to_pandas()
+    back = pq.read_table(tables.write_table(mixed, tmp_path / "mixed.parquet")).to_pandas()
     assert list(back["a"][:2]) == ["1", "x"] and pd.isna(back["a"][2])
     assert list(back["b"]) == ["{'k': 1}", "[1, 2]", "3.5"]
-
-
-def test_pareto_mask_hand_example() -> None:
-    points = np.array([[1.0, 1.0], [2.0, 0.0], [0.0, 2.0], [0.5, 0.5], [2.0, 0.0], [np.nan, 3.0], [1.0, 0.5]])
-    assert report.pareto_mask(points, ["max", "max"]).tolist() == [True, True, True, False, True, False, False]
-    assert report.pareto_mask(points, ["max", "min"]).tolist() == [False, True, False, False, True, False, False]
-    assert report.pareto_mask(points, ["min", "min"]).tolist() == [False, True, True, True, True, False, False]
-    assert report.pareto_mask(np.array([3.0, 1.0, 3.0]), ["max"]).tolist() == [True, False, True]
-    assert report.pareto_mask(np.zeros((0, 2)), ["max", "max"]).tolist() == []
-    with pytest.raises(ValueError, match="one mode per column"):
-        report.pareto_mask(points, ["max"])
-    with pytest.raises(ValueError, match="'max' or 'min'"):
-        report.pareto_mask(points, ["max", "up"])
-
-
-def test_curve_keys_split_losses_from_accuracies() -> None:
-    row = ["epoch", "lr", "images_per_s", "epoch_time_s", "epoch_started_at", "adv_acc", "contrast", "kd_adv", "kd_nat",
-           "loss", "teacher_acc", "teacher_adv_acc", "weight_mean", "weight_min", "transition_fit", "transition_diag",
-           "clean_acc", "pgd20_acc", "pgd20_best_so_far", "best_pgd20_acc", "last_clean_acc"]
-    assert report.curve_keys(row) == (["loss", "contrast", "kd_adv", "kd_nat", "transition_fit"], ["clean_acc", "pgd20_acc"])
-
-
-def test_plots_are_png_files(store: dict, tmp_path: Path) -> None:
-    history = [{"epoch": e, "loss": 2.0 - 0.4 * e, "kd_adv": 1.0 - 0.1 * e, "contrast": 0.5, "adv_acc": 0.3,
-                "clean_acc": 40.0 + e, "pgd20_acc": 20.0 + e, "lr": 0.1, "weight_mean": 0.7} for e in range(4)]
-    assert_png(report.learning_curves(history, tmp_path / "curve.png"))
-    frame = report.runs_frame(store["uri"], EXPERIMENT, parent_run_id=store["sweep"])
-    assert_png(report.optimisation_history(frame, "best_pgd20_acc", "max", tmp_path / "history.png"))
-    assert_png(report.param_vs_metric(frame, ["method.temperature", "method.compensation.kind"], "best_pgd20_acc",
-                                      tmp_path / "params.png"))
-    assert_png(report.pareto_front(frame, "best_clean_acc", "best_pgd20_acc", tmp_path / "pareto.png"))
-    table = pd.DataFrame({"variant": ["full", "full", "no-contrast", "no-contrast"],
-                          "metric": ["clean_acc", "pgd20_acc"] * 2, "mean": [60.0, 30.0, 62.0, 27.0],
-                          "std": [1.0, 0.5, np.nan, 0.7]})
-    assert_png(report.bar_plot_with_errors(table, tmp_path / "bars.png"))
-    with pytest.raises(ValueError, match="no column 'missing'"):
-        report.optimisation_history(frame, "missing", "max", tmp_path / "x.png")
-    assert_png(report.learning_curves([], tmp_path / "empty.png"))

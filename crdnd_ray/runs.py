@@ -1,0 +1,191 @@
+"""The run-folder contract: what a run's folder holds, how it is read and written, and the one status rule.
+
+A **run folder** (the output of ``crdnd-ray train``, or ``trials/<trial id>/`` inside a sweep or ablation):
+
+- ``config.yaml``: the resolved config of the run;
+- ``metrics.jsonl``: one JSON object per finished epoch (a torn last line, left by a crash in the middle of a
+  write, is skipped by every reader);
+- ``final_metrics.json``: ``{"best": {...}, "last": {...}, "best_epoch": n}``, the attack suite on the best-PGD
+  and the last checkpoint; it exists exactly when the run finished;
+- ``best.pt`` and ``last.pt``: student checkpoints; ``checkpoint/state.pt``: the full training state to resume;
+- ``run.json``: facts for the tracking store (the MLflow run id and URI), so a resumed run continues its run.
+
+A **sweep or ablation folder** holds ``config.yaml``, ``run.json`` (the MLflow parent run and the kind),
+``trials/<trial id>/`` run folders and the result tables.
+
+The status of a run is decided in one place, :func:`run_status`, from its last report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from crdnd_ray.config import RunConfig, load_config
+
+__all__ = [
+    "ARTIFACT_FILES",
+    "FINAL_MARKER",
+    "BEST_CHECKPOINT",
+    "CONFIG_FILE",
+    "FINAL_FILE",
+    "LAST_CHECKPOINT",
+    "METRICS_FILE",
+    "RUN_INFO_FILE",
+    "RunStatus",
+    "STATE_DIR",
+    "STATE_FILE",
+    "flatten_final",
+    "is_final",
+    "last_report",
+    "read_config",
+    "read_final",
+    "read_metrics",
+    "read_run_info",
+    "run_status",
+    "update_run_info",
+    "write_config",
+    "write_final",
+    "write_metrics",
+]
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+FINAL_FILE = "final_metrics.json"
+BEST_CHECKPOINT = "best.pt"
+LAST_CHECKPOINT = "last.pt"
+STATE_DIR = "checkpoint"
+STATE_FILE = "state.pt"
+RUN_INFO_FILE = "run.json"
+ARTIFACT_FILES = (CONFIG_FILE, BEST_CHECKPOINT, FINAL_FILE, METRICS_FILE)
+"""The files of a run folder that are uploaded to the tracking store when the run ends (when present)."""
+
+RunStatus = Literal["running", "finished", "stopped_early", "failed"]
+FINAL_MARKER = "best_epoch"
+"""The key that only a run's last report carries: its final metrics arrived."""
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    temporary.replace(path)
+
+
+def write_config(folder: Path, cfg: RunConfig) -> Path:
+    """Write the fully resolved ``cfg`` as ``config.yaml`` (unset values left out)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / CONFIG_FILE
+    _write_atomic(path, yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=True), sort_keys=False))
+    return path
+
+
+def read_config(folder: Path) -> RunConfig:
+    """The config a run folder was written with (ConfigError when it is missing or invalid)."""
+    return load_config(Path(folder) / CONFIG_FILE)
+
+
+def read_metrics(folder: Path) -> list[dict[str, Any]]:
+    """The per-epoch rows of ``metrics.jsonl``; lines that do not parse (a torn last line) are skipped."""
+    path = Path(folder) / METRICS_FILE
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def write_metrics(folder: Path, history: list[dict[str, Any]]) -> None:
+    """Replace ``metrics.jsonl`` with ``history`` atomically (a reader never sees half a file)."""
+    _write_atomic(Path(folder) / METRICS_FILE, "".join(json.dumps(row) + "\n" for row in history))
+
+
+def write_final(folder: Path, best: dict[str, float], last: dict[str, float], best_epoch: int) -> dict[str, Any]:
+    """Write ``final_metrics.json`` and return its flat form (see :func:`flatten_final`)."""
+    final = {"best": best, "last": last, FINAL_MARKER: best_epoch}
+    _write_atomic(Path(folder) / FINAL_FILE, json.dumps(final, indent=2))
+    return flatten_final(final)
+
+
+def read_final(folder: Path) -> dict[str, Any] | None:
+    """The flat final metrics of a finished run, or None when it has not finished."""
+    path = Path(folder) / FINAL_FILE
+    if not path.is_file():
+        return None
+    try:
+        return flatten_final(json.loads(path.read_text()))
+    except (json.JSONDecodeError, AttributeError):
+        return None
+
+
+def flatten_final(final: dict[str, Any]) -> dict[str, Any]:
+    """``{"best": {"pgd20_acc": 50}, ..., "best_epoch": 3}`` → ``{"best_pgd20_acc": 50, ..., "best_epoch": 3}``."""
+    flat: dict[str, Any] = {}
+    for key, value in final.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}_{name}": number for name, number in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def last_report(folder: Path) -> dict[str, Any] | None:
+    """What the run reported last, rebuilt from its folder: the last epoch row plus the final metrics."""
+    history = read_metrics(folder)
+    final = read_final(folder)
+    if not history and final is None:
+        return None
+    return {**(history[-1] if history else {}), **(final or {})}
+
+
+def is_final(report: dict[str, Any] | None) -> bool:
+    """Whether ``report`` carries the run's final metrics (only the last report of a finished run does)."""
+    return bool(report) and FINAL_MARKER in report
+
+
+def run_status(report: dict[str, Any] | None, *, ended: bool, error: str | None = None) -> tuple[RunStatus, str]:
+    """The one status rule: ``(status, reason)`` of a run from its last report.
+
+    ``failed`` when it ended with ``error``; ``finished`` when its final metrics arrived; ``running`` while it
+    goes on; otherwise it ``stopped_early`` (a scheduler such as ASHA ended it), and the reason names the
+    last epoch it completed.
+    """
+    if error is not None:
+        return "failed", error
+    if is_final(report):
+        return "finished", ""
+    if not ended:
+        return "running", ""
+    epoch = (report or {}).get("epoch")
+    if isinstance(epoch, (int, float)) and not isinstance(epoch, bool) and math.isfinite(epoch):
+        return "stopped_early", f"The scheduler stopped the run after epoch {int(epoch)}."
+    return "stopped_early", "The scheduler stopped the run before its first epoch ended."
+
+
+def read_run_info(folder: Path) -> dict[str, Any]:
+    """The facts of ``run.json`` (empty when the folder has none)."""
+    path = Path(folder) / RUN_INFO_FILE
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def update_run_info(folder: Path, **facts: Any) -> dict[str, Any]:
+    """Merge ``facts`` into ``run.json`` and return the result."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    info = {**read_run_info(folder), **facts}
+    _write_atomic(folder / RUN_INFO_FILE, json.dumps(info, indent=2))
+    return info

@@ -1,0 +1,91 @@
+"""`crdnd-ray train` end to end on digits: output files, and distillation beats natural training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import REPO, small_config
+from crdnd_ray.cli import app
+from crdnd_ray.engine.runner import train_run
+
+pytestmark = pytest.mark.slow
+
+
+def test_train_command_writes_checkpoints_metrics_and_final_metrics(tmp_path, digits_teacher):
+    result = CliRunner().invoke(app, [
+        "train", str(REPO / "search_spaces" / "digits.yaml"), "--output", str(tmp_path / "run"),
+        "--set", "tracking.enabled=false", "--set", f"teacher.checkpoint={digits_teacher}", "--set", "train.epochs=2",
+        "--set", "eval.final_limit=64", "--set", "eval.epoch_limit=64"])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in epochs] == [0, 1]
+    assert {"loss", "kd_adv", "kd_nat", "contrast", "clean_acc", "pgd20_acc", "lr", "images_per_s"} <= set(epochs[0])
+    final = json.loads((run / "final_metrics.json").read_text())
+    for which in ("best", "last"):
+        assert set(final[which]) >= {"clean_acc", "fgsm_acc", "pgd20_acc", "cw_acc"}
+        assert final[which]["pgd20_acc"] <= final[which]["clean_acc"]
+    assert (run / "best.pt").exists() and (run / "last.pt").exists() and (run / "config.yaml").exists()
+    assert "best" in result.output and "pgd20" in result.output
+
+
+def test_distillation_keeps_twenty_points_more_pgd20_than_natural_training(tmp_path, digits_teacher):
+    base = small_config(**{"teacher.checkpoint": str(digits_teacher), "train.epochs": 6,
+                           "eval.epoch_limit": 128, "eval.final_limit": 225, "attack.steps": 5})
+    natural = train_run(base.with_overrides({"method.name": "natural", "train.lr": base.teacher.training.lr}),
+                        tmp_path / "natural")
+    assert natural["last_clean_acc"] > 90
+    for method in ("crdnd", "rslad", "ard"):
+        final = train_run(base.with_overrides({"method.name": method}), tmp_path / method)
+        assert final["best_pgd20_acc"] >= natural["last_pgd20_acc"] + 20, method
+
+
+def test_train_records_while_it_trains_and_resume_continues_the_same_mlflow_run(tmp_path, digits_teacher,
+                                                                               monkeypatch):
+    from mlflow import MlflowClient
+
+    from crdnd_ray import runs
+    from crdnd_ray.engine import runner
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = small_config(**{"teacher.checkpoint": str(digits_teacher), "train.epochs": 4, "tracking.enabled": True,
+                          "tracking.uri": uri, "experiment.name": "resumed-train"})
+    folder = tmp_path / "run"
+    runs.write_config(folder, cfg)
+    seen: list[int] = []
+    original = runner.run_training
+
+    def interrupted(cfg, output_dir, teacher, context):
+        def stop(epoch: int) -> None:
+            if epoch == 2:
+                raise KeyboardInterrupt
+        context.on_epoch_start = stop
+        inner = context.report
+
+        def report(row, checkpoint):
+            seen.append(len(MlflowClient(uri).get_metric_history(runs.read_run_info(folder)["mlflow_run_id"],
+                                                                 "loss")))
+            inner(row, checkpoint)
+        context.report = report
+        return original(cfg, output_dir, teacher, context)
+
+    monkeypatch.setattr(runner, "run_training", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(cfg, folder)
+    monkeypatch.undo()
+    assert seen == [0, 1], "each epoch reaches MLflow while the run trains, before the next one"
+    client = MlflowClient(uri)
+    run_id = runs.read_run_info(folder)["mlflow_run_id"]
+    assert client.get_run(run_id).data.tags["status"] == "failed"
+
+    result = CliRunner().invoke(app, ["train", "--resume", str(folder)])
+    assert result.exit_code == 0, result.output
+    experiment = client.get_experiment_by_name("resumed-train")
+    assert [r.info.run_id for r in client.search_runs([experiment.experiment_id])] == [run_id]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["status"] == "finished"
+    assert sorted(p.step for p in client.get_metric_history(run_id, "pgd20_acc")) == [0, 1, 2, 3]
+    assert run.data.metrics["best_pgd20_acc"] == runs.read_final(folder)["best_pgd20_acc"]
