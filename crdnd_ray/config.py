@@ -229,7 +229,11 @@ class AttackConfig(_Section):
 
 
 class TrainConfig(_Section):
-    """Optimiser, schedule, checkpoints and speed switches of the epoch loop."""
+    """Optimiser, schedule, checkpoints and speed switches of the epoch loop.
+
+    ``cuda_graphs`` replays each method's inner attack (teacher forward and PGD steps) as a CUDA graph:
+    ``auto`` and ``true`` on CUDA devices (elsewhere the attack runs eagerly and the log says why).
+    """
 
     epochs: int = Field(default=15, ge=1)
     lr: PositiveNumber = 0.05
@@ -242,7 +246,7 @@ class TrainConfig(_Section):
     warmup_epochs: int = Field(default=0, ge=0)
     bf16: bool = False
     channels_last: bool = False
-    compile: bool = False
+    cuda_graphs: Literal["auto"] | bool = "auto"
     pin_memory: bool = False
     max_steps_per_epoch: int | None = Field(default=None, ge=1)
 
