@@ -276,6 +276,8 @@ class ScalingConfig(_Section):
 
     ``torch_threads`` sets PyTorch's intra-op threads per process on CPU (unset: PyTorch's default).
     Tiny models such as the digits CNN run fastest with 1, especially when several processes share cores.
+    ``trials_per_gpu`` packs single-worker GPU trials, each taking 1/k of a GPU (``auto``: as many as the
+    concurrent trials need, at most 4); trials of several workers always take whole GPUs.
     """
 
     num_workers: int = Field(default=1, ge=1)
@@ -286,6 +288,7 @@ class ScalingConfig(_Section):
     max_failures: int = Field(default=0, ge=0)
     in_process_single_worker: bool = True
     torch_threads: int | None = Field(default=None, ge=1)
+    trials_per_gpu: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
 
 
 class TrackingConfig(_Section):
