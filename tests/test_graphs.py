@@ -4,16 +4,20 @@ On CPU: the loop falls back to eager attacks and says why in one progress line, 
 inner attack through the runner it is given, and the split into ``attack_phase`` + ``loss`` is exactly
 the forward. The CUDA tests (skipped without a GPU) check that a replayed graph gives the eager loss and
 gradients from the same random state, that replays do not run the Python attack again, that a failed
-capture falls back with one line, and that the NaN check still fires with graphs on.
+capture falls back with one line, and that the NaN check still fires with graphs on. The GPU benchmark
+exits cleanly without CUDA.
 """
 
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import small_config
+from conftest import REPO, small_config
 from torch.utils.data import DataLoader, TensorDataset
 
 from crdnd_ray import attacks
@@ -111,6 +115,16 @@ def test_forward_is_the_loss_of_the_attack_phase(name):
     split_loss, split_parts = distiller.loss(x, y, *distiller.attack_phase(x, y))
     assert torch.equal(loss, split_loss)
     assert parts.keys() == split_parts.keys()
+
+
+def test_gpu_benchmark_without_cuda_says_so_and_exits_zero(tmp_path):
+    out = tmp_path / "gpu.json"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_throughput.py"), "--out", str(out)],
+                            capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "no CUDA device is visible" in result.stdout and "nothing was run or written" in result.stdout
+    assert not out.exists()
 
 
 def _step(distiller, x, y, seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
