@@ -18,6 +18,8 @@ The module has three layers:
 Randomness only comes from the global torch generator (``torch.rand_like``/``torch.randn_like``),
 so results are reproducible after ``torch.manual_seed``. AutoAttack runs inside
 :func:`torch.random.fork_rng`, so its internal re-seeding does not disturb the caller's stream.
+Every attack but AutoAttack is free of host synchronisation and draws its random start from the default
+generator, so :mod:`crdnd_ray.graphs` can capture it, with the model's forward, as a CUDA graph.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from crdnd_ray.graphs import AttackRunner, EagerRunner
 
 __all__ = [
     "AttackFn",
@@ -56,6 +60,7 @@ DEFAULT_EVAL_ATTACKS: tuple[str, ...] = ("clean", "fgsm", "pgd20", "cw", "autoat
 """The literature's standard evaluation suite, in the order it is usually reported."""
 
 _STARTS = ("uniform", "gaussian", "none")
+_EAGER_ONLY = ("autoattack",)
 _BN_MODES = ("eval", "train")
 _TORCHATTACKS_HELP = (
     "AutoAttack needs the optional package torchattacks 3.5.1, which could not be imported. "
@@ -124,10 +129,11 @@ def cw_margin_loss(y: Tensor, kappa: float = 50.0) -> LossFn:
     ``kappa``, after which the gradient vanishes.
     """
 
+    labels = y.unsqueeze(1)
+
     def loss_fn(logits: Tensor) -> Tensor:
-        true_mask = F.one_hot(y, num_classes=logits.shape[1]).bool()
-        real = logits.gather(1, y.unsqueeze(1)).squeeze(1)
-        other = logits.masked_fill(true_mask, float("-inf")).amax(dim=1)
+        real = logits.gather(1, labels).squeeze(1)
+        other = logits.scatter(1, labels, float("-inf")).amax(dim=1)
         return -torch.clamp(real - other + kappa, min=0.0).sum()
 
     return loss_fn
@@ -350,6 +356,18 @@ def parse_attack(name: str, eps: float) -> AttackFn:
     return EVAL_ATTACKS[key](eps, **params)
 
 
+def _scorer(attack: AttackFn, model: nn.Module) -> Callable[[Tensor, Tensor], tuple[Tensor]]:
+    """``score(x, y) -> (correct,)``: how many of ``x`` the model still classifies as ``y`` after the attack."""
+
+    def score(x: Tensor, y: Tensor) -> tuple[Tensor]:
+        x_adv = attack(model, x, y)
+        with torch.no_grad():
+            predictions = _logits(model(x_adv)).argmax(dim=1)
+        return ((predictions == y).sum(),)
+
+    return score
+
+
 def _model_device(model: nn.Module) -> torch.device:
     for tensor in model.parameters():
         return tensor.device
@@ -375,6 +393,7 @@ def evaluate(
     limit: int | None = None,
     device: torch.device | str | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    runner: AttackRunner | None = None,
 ) -> dict[str, float]:
     """Accuracy of ``model`` under each named attack, on the same samples.
 
@@ -388,13 +407,17 @@ def evaluate(
         device: Where to run; defaults to the device of the model's parameters.
         progress: Called as ``progress(attack_name, samples_done, samples_total)`` after each batch
             of each attack; ``samples_total`` is 0 when the loader's size is unknown.
+        runner: Runs each batch's attack and scoring (:mod:`crdnd_ray.graphs`); a ``GraphRunner`` replays
+            them as CUDA graphs (AutoAttack always runs eagerly). Its graphs belong to ``model``: give each
+            call its own runner. Default: eager.
 
     Returns:
         ``{f"{name}_acc": accuracy_in_percent, ..., "n_eval": number_of_samples}`` where ``name`` is
         the canonical lower-case attack name (``clean``, ``fgsm``, ``pgd20``, ``cw``, ``autoattack``).
 
     All attack names are checked (and AutoAttack's dependency imported) before any computation.
-    Every attack sees exactly the same samples, batch by batch.
+    Every attack sees exactly the same samples, batch by batch. Correct counts stay on the device until
+    the end, so batches are not synchronised with the host.
     """
     if limit is not None and limit <= 0:
         raise ValueError(f"evaluate needs limit > 0 or None, got {limit}.")
@@ -408,7 +431,11 @@ def evaluate(
             built[display] = EVAL_ATTACKS[key](eps, **params)
     run_device = torch.device(device) if device is not None else _model_device(model)
     total = _planned_total(loader, limit)
-    correct = dict.fromkeys(built, 0)
+    eager = EagerRunner()
+    runner = runner or eager
+    scorers = {display: (_scorer(attack, model), eager if display in _EAGER_ONLY else runner)
+               for display, attack in built.items()}
+    correct = {display: torch.zeros((), dtype=torch.int64, device=run_device) for display in built}
     seen = 0
 
     with _training_flags_restored(model, False):
@@ -419,17 +446,15 @@ def evaluate(
             if limit is not None:
                 x, y = x[: limit - seen], y[: limit - seen]
             x, y = x.to(run_device), y.to(run_device)
-            for display, attack in built.items():
-                x_adv = attack(model, x, y)
-                with torch.no_grad():
-                    predictions = _logits(model(x_adv)).argmax(dim=1)
-                correct[display] += int((predictions == y).sum().item())
+            for display, (score, run) in scorers.items():
+                (hits,) = run(score, x, y)
+                correct[display] += hits
                 if progress is not None:
                     progress(display, seen + len(y), total)
             seen += len(y)
 
     if seen == 0:
         raise ValueError("evaluate got no samples from the loader; check the dataset and its split.")
-    results: dict[str, float] = {f"{name}_acc": 100.0 * hits / seen for name, hits in correct.items()}
+    results: dict[str, float] = {f"{name}_acc": 100.0 * int(hits) / seen for name, hits in correct.items()}
     results["n_eval"] = seen
     return results

@@ -24,9 +24,9 @@ class CheckpointError(Exception):
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside DistributedDataParallel or torch.compile wrappers."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
+    """The plain module inside DistributedDataParallel wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
     return model
 
 

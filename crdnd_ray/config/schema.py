@@ -227,7 +227,11 @@ class AttackConfig(_Section):
 
 
 class TrainConfig(_Section):
-    """Optimiser, schedule, checkpoints and speed switches of the epoch loop."""
+    """Optimiser, schedule, checkpoints and speed switches of the epoch loop.
+
+    ``cuda_graphs`` replays each method's inner attack (teacher forward and PGD steps) as a CUDA graph:
+    ``auto`` and ``true`` on CUDA devices (elsewhere the attack runs eagerly and the log says why).
+    """
 
     epochs: int = Field(default=15, ge=1)
     lr: PositiveNumber = 0.05
@@ -240,7 +244,7 @@ class TrainConfig(_Section):
     warmup_epochs: int = Field(default=0, ge=0)
     bf16: bool = False
     channels_last: bool = False
-    compile: bool = False
+    cuda_graphs: Literal["auto"] | bool = "auto"
     pin_memory: bool = False
     max_steps_per_epoch: int | None = Field(default=None, ge=1)
 
@@ -270,6 +274,8 @@ class ScalingConfig(_Section):
 
     ``torch_threads`` sets PyTorch's intra-op threads per process on CPU (unset: PyTorch's default).
     Tiny models such as the digits CNN run fastest with 1, especially when several processes share cores.
+    ``trials_per_gpu`` packs single-worker GPU trials, each taking 1/k of a GPU (``auto``: as many as the
+    concurrent trials need, at most 4); trials of several workers always take whole GPUs.
     """
 
     num_workers: int = Field(default=1, ge=1)
@@ -280,6 +286,7 @@ class ScalingConfig(_Section):
     max_failures: int = Field(default=0, ge=0)
     in_process_single_worker: bool = True
     torch_threads: int | None = Field(default=None, ge=1)
+    trials_per_gpu: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
 
 
 class TrackingConfig(_Section):

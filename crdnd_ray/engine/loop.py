@@ -6,6 +6,11 @@ and a ``report`` callback that receives each epoch's metrics and the folder of t
 Under ``torch.distributed`` every rank evaluates a shard and the counts are all-reduced, so every rank
 reports identical metrics; timings are the slowest rank's (``epoch_time_s``, and ``epoch_started_at``,
 the Unix time at which the last rank started training the epoch).
+
+The inner attack runs through a runner from :mod:`crdnd_ray.graphs` (``train.cuda_graphs``): replayed as
+a CUDA graph on GPUs, eager otherwise; the first progress line says which, and why. A step does not wait
+for the device: the loss and its parts are summed on the device, and whether the loss stayed finite is
+read every :data:`FINITE_CHECK_STEPS` steps and at the end of the epoch.
 """
 
 from __future__ import annotations
@@ -28,10 +33,12 @@ from crdnd_ray import attacks, runs
 from crdnd_ray.checkpoints import load_model, save_model, unwrap
 from crdnd_ray.config import ConfigError, RunConfig, check_batch_split
 from crdnd_ray.data import build_datasets
+from crdnd_ray.graphs import AttackRunner, RunnerSource
 from crdnd_ray.methods import build_distiller
 from crdnd_ray.models import build_model
 
 __all__ = [
+    "FINITE_CHECK_STEPS",
     "DivergedError",
     "LoopContext",
     "configure_threads",
@@ -41,6 +48,8 @@ __all__ = [
 ]
 
 Reporter = Callable[[dict[str, Any], "Path | None"], None]
+FINITE_CHECK_STEPS = 50
+"""Steps between two reads of the device-side divergence check (each read waits for the device)."""
 
 
 class DivergedError(RuntimeError):
@@ -107,14 +116,16 @@ def _shard(dataset: Dataset, limit: int | None, rank: int, world_size: int) -> S
 
 def evaluate_distributed(model: nn.Module, dataset: Dataset, attack_names: list[str], *, eps: float,
                          limit: int | None, batch_size: int, rank: int = 0, world_size: int = 1,
-                         device: torch.device | None = None) -> dict[str, float]:
+                         device: torch.device | None = None, runner: AttackRunner | None = None) -> dict[str, float]:
     """Accuracies (percent) under each attack on the first ``limit`` examples, sharded over ranks.
 
     Each rank attacks its own shard; correct counts are all-reduced so every rank returns the same numbers.
+    ``runner`` runs the attacks (see :func:`crdnd_ray.attacks.evaluate`; one runner per call).
     """
     shard = _shard(dataset, limit, rank, world_size)
     loader = DataLoader(shard, batch_size=batch_size, shuffle=False)
-    local = attacks.evaluate(model, loader, attack_names, eps=eps, device=device) if len(shard) else {}
+    local = (attacks.evaluate(model, loader, attack_names, eps=eps, device=device, runner=runner)
+             if len(shard) else {})
     count = float(local.get("n_eval", 0))
     names = [f"{name}_acc" for name in attack_names]
     totals = torch.tensor([count] + [local.get(name, 0.0) * count / 100.0 for name in names], dtype=torch.float64)
@@ -152,7 +163,27 @@ def _train_loader(dataset: Dataset, cfg: RunConfig, context: LoopContext) -> tup
     loader = DataLoader(dataset, batch_size=per_worker, sampler=sampler, drop_last=True,
                         num_workers=cfg.data.loader_workers, pin_memory=cfg.train.pin_memory,
                         persistent_workers=cfg.data.loader_workers > 0)
+    if len(loader) == 0:
+        raise ValueError(
+            f"The training set gives each of the {context.world_size} worker(s) {len(sampler)} examples, fewer "
+            f"than one batch of {per_worker}, and incomplete batches are dropped (every step has the same shape). "
+            "Lower data.batch_size or raise data.train_limit."
+        )
     return loader, sampler
+
+
+def _check_finite(sums: torch.Tensor, epoch: int, first: int, last: int) -> None:
+    """Raise DivergedError when any rank's running loss sum (``sums[0]``) is NaN or infinite.
+
+    A non-finite loss at any step makes the running sum non-finite, so the sum is the device-side flag;
+    reading it waits for the device once, and all ranks agree (a max all-reduce) so that they stop together.
+    """
+    diverged = _all_reduce_max((~torch.isfinite(sums[:1])).float())
+    if diverged.item():
+        raise DivergedError(
+            f"The training loss became NaN or infinite at epoch {epoch}, between steps {first} and {last}. "
+            "Lower train.lr (or add train.warmup_epochs), or check the teacher checkpoint and the data."
+        )
 
 
 def _rng_state() -> dict[str, Any]:
@@ -221,9 +252,11 @@ def run_training(cfg: RunConfig, output_dir: Path, teacher: nn.Module | None,
         _set_rng_state(state["rng"])
         start_epoch, best_score = state["epoch"] + 1, state["best_score"]
         history = [row for row in runs.read_metrics(output_dir) if row["epoch"] < start_epoch]
+    runners = RunnerSource(cfg.train.cuda_graphs, device, context.progress if is_main else None,
+                           collectives_in_attack=cfg.scaling.sync_batchnorm and context.world_size > 1
+                           and distiller.attack_bn_mode == "train")
+    distiller.attack_runner = runners()
     trained = context.wrap(distiller)
-    if cfg.train.compile:
-        trained = torch.compile(trained)
     loader, sampler = _train_loader(train_set, cfg, context)
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
                 if cfg.train.bf16 and device.type == "cuda" else contextlib.nullcontext())
@@ -237,8 +270,9 @@ def run_training(cfg: RunConfig, output_dir: Path, teacher: nn.Module | None,
         distiller.train()
         distiller.set_epoch(epoch)
         sampler.set_epoch(epoch)
-        sums: dict[str, torch.Tensor] = {}
-        seen = 0
+        names: list[str] = []
+        sums = torch.zeros(1, device=device)
+        steps = checked = 0
         started_at = time.time()
         started = time.perf_counter()
         for step, (images, labels) in enumerate(loader):
@@ -250,15 +284,19 @@ def run_training(cfg: RunConfig, output_dir: Path, teacher: nn.Module | None,
                 images = images.contiguous(memory_format=memory_format)
             with autocast:
                 loss, parts = trained(images, labels)
-            if not torch.isfinite(loss):
-                raise DivergedError(f"the training loss became {loss.item()} at epoch {epoch}, step {step}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            batch = labels.shape[0]
-            seen += batch
-            for name, value in {"loss": loss.detach(), **parts}.items():
-                sums[name] = sums.get(name, 0.0) + value.detach().float() * batch
+            values = torch.stack([loss, *parts.values()]).detach().float()
+            if steps == 0:
+                names, sums = ["loss", *parts], values
+            else:
+                sums += values
+            steps += 1
+            if steps % FINITE_CHECK_STEPS == 0:
+                _check_finite(sums, epoch, checked, step)
+                checked = step + 1
+        _check_finite(sums, epoch, checked, steps - 1)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         timing = _all_reduce_max(torch.tensor([time.perf_counter() - started, started_at], dtype=torch.float64,
@@ -266,16 +304,16 @@ def run_training(cfg: RunConfig, output_dir: Path, teacher: nn.Module | None,
         elapsed, started_at = float(timing[0]), float(timing[1])
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        names = sorted(sums)
-        totals = _all_reduce_sum(torch.stack([sums[n] for n in names] + [torch.tensor(float(seen), device=device)]))
-        global_seen = float(totals[-1])
-        row: dict[str, Any] = {"epoch": epoch, "lr": lr, "images_per_s": global_seen / max(elapsed, 1e-9),
+        totals = _all_reduce_sum(torch.cat([sums, torch.tensor([float(steps)], device=device)])).tolist()
+        global_steps = totals[-1]
+        row: dict[str, Any] = {"epoch": epoch, "lr": lr,
+                               "images_per_s": global_steps * loader.batch_size / max(elapsed, 1e-9),
                                "epoch_time_s": elapsed, "epoch_started_at": started_at}
-        row.update({name: float(totals[i]) / max(global_seen, 1.0) for i, name in enumerate(names)})
+        row.update(sorted((name, total / max(global_steps, 1.0)) for name, total in zip(names, totals)))
         evaluation = evaluate_distributed(unwrap(distiller.student), test_set, cfg.eval.epoch_attacks,
                                           eps=cfg.eval.eps, limit=cfg.eval.epoch_limit,
                                           batch_size=cfg.data.eval_batch_size, rank=context.rank,
-                                          world_size=context.world_size, device=device)
+                                          world_size=context.world_size, device=device, runner=runners())
         row.update({k: v for k, v in evaluation.items() if k != "n_eval"})
         improved = row[selection] > best_score
         if improved:
@@ -295,7 +333,7 @@ def run_training(cfg: RunConfig, output_dir: Path, teacher: nn.Module | None,
             save_model(output_dir / runs.LAST_CHECKPOINT, distiller.student, extra={"epoch": epoch}, **save_facts)
             runs.write_metrics(output_dir, history)
         if last_epoch:
-            row.update(_final_evaluation(cfg, output_dir, test_set, context))
+            row.update(_final_evaluation(cfg, output_dir, test_set, context, runners))
         if is_main:
             checkpoint_dir = output_dir / runs.STATE_DIR
             checkpoint_dir.mkdir(exist_ok=True)
@@ -309,7 +347,8 @@ def run_training(cfg: RunConfig, output_dir: Path, teacher: nn.Module | None,
     return (runs.read_final(output_dir) or {}) if is_main else {}
 
 
-def _final_evaluation(cfg: RunConfig, output_dir: Path, test_set: Dataset, context: LoopContext) -> dict[str, Any]:
+def _final_evaluation(cfg: RunConfig, output_dir: Path, test_set: Dataset, context: LoopContext,
+                      runners: RunnerSource) -> dict[str, Any]:
     """Run the attack suite on the best and last checkpoints; return ``best_*``/``last_*`` and ``best_epoch``."""
     if _distributed():
         dist.barrier()
@@ -322,7 +361,7 @@ def _final_evaluation(cfg: RunConfig, output_dir: Path, test_set: Dataset, conte
         results[which] = evaluate_distributed(model, test_set, cfg.eval.final_attack_names, eps=cfg.eval.eps,
                                               limit=cfg.eval.final_limit, batch_size=cfg.data.eval_batch_size,
                                               rank=context.rank, world_size=context.world_size,
-                                              device=context.device)
+                                              device=context.device, runner=runners())
     best_epoch = torch.load(output_dir / runs.BEST_CHECKPOINT, map_location="cpu", weights_only=True)["epoch"]
     final = {"best": results["best"], "last": results["last"], "best_epoch": best_epoch}
     if context.rank == 0:

@@ -6,14 +6,18 @@ can never fit fails at once with what was asked and what exists, instead of wait
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from crdnd_ray.config import ScalingConfig
 
-__all__ = ["TRIAL_CPU", "ResourceError", "ResourcePlan", "plan_resources"]
+__all__ = ["AUTO_TRIALS_PER_GPU", "TRIAL_CPU", "ResourceError", "ResourcePlan", "plan_resources"]
 
 TRIAL_CPU = 0.01
 """What a trial's driver asks for when its workers hold the real resources (Ray refuses ``{"CPU": 0}``)."""
+AUTO_TRIALS_PER_GPU = 4
+"""The most single-worker trials ``trials_per_gpu: auto`` packs on one GPU: on an H100, 1/2/4/8 trials gave
+1,057/1,955/2,795/2,907 images/s in all (DESIGN.md), so an eighth of a GPU each adds 4 % for twice the memory."""
 
 
 class ResourceError(Exception):
@@ -41,9 +45,11 @@ def plan_resources(scaling: ScalingConfig, cluster: dict[str, float], concurrent
     """Size the requests of ``concurrent_trials`` trials of ``scaling.num_workers`` workers from ``cluster``.
 
     Unset ``resources_per_worker`` are sized so that all concurrent trials fit at once: fractional CPUs
-    on small machines (a whole request per trial would starve the workers), one GPU per worker when
-    GPUs are used. An ``in_process`` trial trains inside its Tune trial and so holds the worker's
-    resources itself. A request that can never fit raises ResourceError at once.
+    on small machines (a whole request per trial would starve the workers); on GPUs, one GPU per worker,
+    except that single-worker trials take ``1 / scaling.trials_per_gpu`` of one (``auto``: enough packing
+    for ``concurrent_trials`` to run at once, at most :data:`AUTO_TRIALS_PER_GPU` per GPU). An
+    ``in_process`` trial trains inside its Tune trial and so holds the worker's resources itself. A
+    request that can never fit, or packing asked of several workers, raises ResourceError at once.
     """
     cpus = cluster.get("CPU", 0.0)
     gpus = cluster.get("GPU", 0.0)
@@ -54,12 +60,23 @@ def plan_resources(scaling: ScalingConfig, cluster: dict[str, float], concurrent
             f"scaling.use_gpu is true but the Ray cluster has no GPU (it has {cpus:g} CPUs). "
             "Set scaling.use_gpu: false, or connect to a cluster with GPUs via scaling.address."
         )
+    packing = scaling.trials_per_gpu
+    if packing not in (1, "auto") and (workers > 1 or scaling.resources_per_worker):
+        raise ResourceError(
+            f"scaling.trials_per_gpu={packing} packs several trials on one GPU, which only single-worker trials "
+            f"without scaling.resources_per_worker can do (this config has {workers} worker(s) and "
+            f"resources_per_worker={scaling.resources_per_worker}; NCCL refuses two ranks on one GPU). "
+            "Set scaling.trials_per_gpu: 1, or scaling.num_workers: 1 and no resources_per_worker."
+        )
     if scaling.resources_per_worker:
         worker = dict(scaling.resources_per_worker)
     elif use_gpu:
-        per_gpu = gpus / (workers * concurrent_trials)
-        gpu_share = 1.0 if workers > 1 or per_gpu >= 1 else max(per_gpu, 0.1)
-        worker = {"CPU": max(min(cpus / (workers * concurrent_trials) - TRIAL_CPU, 4.0), 0.1), "GPU": gpu_share}
+        if workers > 1:
+            packing = 1
+        elif packing == "auto":
+            packing = min(max(math.ceil(concurrent_trials / gpus), 1), AUTO_TRIALS_PER_GPU)
+        worker = {"CPU": max(min(cpus / (workers * concurrent_trials) - TRIAL_CPU, 4.0), 0.1),
+                  "GPU": math.floor(1e4 / packing) / 1e4}
     else:
         share = (cpus - TRIAL_CPU * concurrent_trials) / (workers * concurrent_trials)
         worker = {"CPU": round(min(max(share, 0.05), 1.0), 3)}
@@ -80,7 +97,7 @@ def plan_resources(scaling: ScalingConfig, cluster: dict[str, float], concurrent
                 "with scaling.address."
             )
     concurrent = max(1, min(concurrent_trials, int(min(
-        cluster.get(key, 0.0) // max(value, 1e-9) for key, value in needed.items()))))
+        math.floor(cluster.get(key, 0.0) / max(value, 1e-9) + 1e-6) for key, value in needed.items()))))
     trial = dict(worker) if in_process else {"CPU": TRIAL_CPU}
     return ResourcePlan(workers, use_gpu, worker, trial, concurrent, in_process)
 

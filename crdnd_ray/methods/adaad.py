@@ -67,14 +67,19 @@ class AdaAD(Distiller):
         """``batchmean`` for 100+ classes (reference CIFAR-100 script), else ``elementmean`` (CIFAR-10)."""
         return "batchmean" if self.num_classes >= self.batchmean_from_classes else "elementmean"
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, LossParts]:
+    def attack_phase(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x'`` from the side-by-side attack, then the teacher's logits on ``x'`` and on ``x``."""
         x_adv = self.inner_attack(
             x, _adaptive_kl_loss(self.num_classes), model=_SideBySide(self.student, self.teacher)
         )
-        adv_logits = self.student(x_adv)
-        nat_logits = self.student(x)
         teacher_adv_logits, _ = self.teacher_outputs(x_adv)
         teacher_logits, _ = self.teacher_outputs(x)
+        return x_adv, teacher_adv_logits, teacher_logits
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor, teacher_adv_logits: torch.Tensor,
+             teacher_logits: torch.Tensor) -> tuple[torch.Tensor, LossParts]:
+        adv_logits = self.student(x_adv)
+        nat_logits = self.student(x)
         tau = self.temperature
         kd_adv = distillation_kl(adv_logits, F.softmax(teacher_adv_logits / tau, dim=1), tau, self.reduction)
         kd_nat = distillation_kl(nat_logits, F.softmax(teacher_logits / tau, dim=1), tau, self.reduction)

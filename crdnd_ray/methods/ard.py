@@ -35,16 +35,20 @@ class ARD(Distiller):
     default_bn_mode: ClassVar[str] = "train"
     kd_reduction: ClassVar[str] = "elementmean"
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, LossParts]:
-        loss, parts, _ = self.ard_loss(x, y)
+    def attack_phase(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's logits on ``x`` and ``x'`` from PGD on the student's cross-entropy."""
+        teacher_logits, _ = self.teacher_outputs(x)
+        return teacher_logits, self.inner_attack(x, attacks.ce_loss(y))
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor,
+             x_adv: torch.Tensor) -> tuple[torch.Tensor, LossParts]:
+        loss, parts, _ = self.ard_loss(x, y, teacher_logits, x_adv)
         return loss, parts
 
     def ard_loss(
-        self, x: torch.Tensor, y: torch.Tensor
-    ) -> tuple[torch.Tensor, LossParts, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """ARD's objective and parts, plus ``(x_adv, adv_logits, nat_logits)`` for methods built on it."""
-        teacher_logits, _ = self.teacher_outputs(x)
-        x_adv = self.inner_attack(x, attacks.ce_loss(y))
+        self, x: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor, x_adv: torch.Tensor
+    ) -> tuple[torch.Tensor, LossParts, tuple[torch.Tensor, torch.Tensor]]:
+        """ARD's objective and parts, plus ``(adv_logits, nat_logits)`` for methods built on it."""
         adv_logits = self.student(x_adv)
         nat_logits = self.student(x)
         target = F.softmax(teacher_logits / self.temperature, dim=1)
@@ -57,4 +61,4 @@ class ARD(Distiller):
             "teacher_acc": accuracy(teacher_logits, y),
             "adv_acc": accuracy(adv_logits, y),
         }
-        return loss, parts, (x_adv, adv_logits, nat_logits)
+        return loss, parts, (adv_logits, nat_logits)

@@ -10,6 +10,7 @@ from torch import nn
 
 from crdnd_ray import attacks
 from crdnd_ray.config import AttackConfig, MethodConfig
+from crdnd_ray.graphs import AttackRunner, EagerRunner
 
 __all__ = ["Distiller", "LossParts", "Reduction", "accuracy", "distillation_kl", "kl_divergence"]
 
@@ -20,13 +21,18 @@ Reduction = Literal["none", "batchmean", "elementmean"]
 class Distiller(nn.Module):
     """A training objective: holds the student, the frozen teacher and any extra trainable modules.
 
-    ``forward(x, y)`` runs the method's own inner attack and returns ``(loss, parts)``, where ``parts``
-    maps each loss component's name to a detached scalar. Wrapping the whole distiller in
-    DistributedDataParallel therefore synchronises the student and the extra modules together. The
-    teacher never trains: its parameters do not require gradients and ``train()`` keeps it in eval mode.
+    ``forward(x, y)`` runs the method's inner attack (:meth:`attack_phase`) through ``attack_runner``
+    and returns ``loss(x, y, *attack outputs)``: ``(loss, parts)``, where ``parts`` maps each loss
+    component's name to a detached scalar. Wrapping the whole distiller in DistributedDataParallel
+    therefore synchronises the student and the extra modules together. The teacher never trains: its
+    parameters do not require gradients and ``train()`` keeps it in eval mode.
+
+    ``attack_runner`` is an :class:`~crdnd_ray.graphs.EagerRunner` unless the loop sets a
+    :class:`~crdnd_ray.graphs.GraphRunner`, which replays the attack phase as a CUDA graph: the same
+    function, called or replayed.
 
     Subclasses set ``name`` and the published defaults, put extra trainable modules in ``self.extras``
-    and implement ``loss``.
+    and implement ``attack_phase`` (when they attack) and ``loss``.
     """
 
     name: ClassVar[str] = ""
@@ -61,6 +67,7 @@ class Distiller(nn.Module):
         self.attack_start = attack.start or self.default_start
         self.attack_bn_mode = attack.bn_mode or self.default_bn_mode
         self.epoch = 0
+        self.attack_runner: AttackRunner = EagerRunner()
 
     def train(self, mode: bool = True) -> Distiller:
         """Set the student and extras to ``mode``; the teacher always stays in eval mode."""
@@ -87,10 +94,21 @@ class Distiller(nn.Module):
         ]
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, LossParts]:
-        """Compute the training loss on a batch (the inner attack included)."""
-        return self.loss(x, y)
+        """Compute the training loss on a batch: the attack phase through ``attack_runner``, then the loss."""
+        return self.loss(x, y, *self.attack_runner(self.attack_phase, x, y, tag=self.training))
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, LossParts]:
+    def attack_phase(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The inner attack: the tensors ``loss`` needs that come from the batch without gradient.
+
+        Typically the teacher's outputs on ``x`` (:meth:`teacher_outputs`) and the adversarial ``x'``
+        (:meth:`inner_attack`), in the order ``loss`` takes them. It reads nothing but ``x``, ``y`` and the
+        modules' parameters and buffers, and does not synchronise with the host, so that a
+        :class:`~crdnd_ray.graphs.GraphRunner` can capture it. Methods without an attack return ``()``.
+        """
+        return ()
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, *attacked: torch.Tensor) -> tuple[torch.Tensor, LossParts]:
+        """The training loss and its parts, given the batch and the outputs of :meth:`attack_phase`."""
         raise NotImplementedError
 
     @torch.no_grad()

@@ -115,8 +115,12 @@ class CRDND(Distiller):
                     group["lr"] = self.compensation.lr
         return groups
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, LossParts]:
-        teacher_logits, teacher_features, x_adv = rslad_attack_target(self, x)
+    def attack_phase(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """RSLAD's attack: the teacher's logits and features on ``x`` and ``x'`` (:func:`rslad_attack_target`)."""
+        return rslad_attack_target(self, x)
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor, teacher_features: torch.Tensor,
+             x_adv: torch.Tensor) -> tuple[torch.Tensor, LossParts]:
         if self.uses_contrast:
             adv_logits, adv_features = self.student(x_adv, return_features=True)
         else:

@@ -39,8 +39,9 @@ class IAD(ARD):
     default_temperature: ClassVar[float] = 1.0
     kd_reduction: ClassVar[str] = "batchmean"
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, LossParts]:
-        loss, parts, (x_adv, adv_logits, nat_logits) = self.ard_loss(x, y)
+    def loss(self, x: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor,
+             x_adv: torch.Tensor) -> tuple[torch.Tensor, LossParts]:
+        loss, parts, (adv_logits, nat_logits) = self.ard_loss(x, y, teacher_logits, x_adv)
         if self.epoch >= self.method.iad.begin:
             teacher_adv_logits, _ = self.teacher_outputs(x_adv)
             weights = confidence_weights(F.softmax(teacher_adv_logits, dim=1), y, self.method.iad.beta)

@@ -69,8 +69,12 @@ class RSLAD(Distiller):
     default_start: ClassVar[str] = "gaussian"
     default_bn_mode: ClassVar[str] = "eval"
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, LossParts]:
-        teacher_logits, _, x_adv = rslad_attack_target(self, x)
+    def attack_phase(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The teacher's logits and features on ``x`` and ``x'`` (:func:`rslad_attack_target`)."""
+        return rslad_attack_target(self, x)
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor, teacher_features: torch.Tensor,
+             x_adv: torch.Tensor) -> tuple[torch.Tensor, LossParts]:
         adv_logits = self.student(x_adv)
         nat_logits = self.student(x)
         target = F.softmax(teacher_logits / self.temperature, dim=1)

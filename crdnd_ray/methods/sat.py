@@ -30,8 +30,11 @@ class SAT(Distiller):
     default_start: ClassVar[str] = "uniform"
     default_bn_mode: ClassVar[str] = "eval"
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, LossParts]:
-        x_adv = self.inner_attack(x, attacks.ce_loss(y))
+    def attack_phase(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor]:
+        """``x'`` from PGD on the student's cross-entropy."""
+        return (self.inner_attack(x, attacks.ce_loss(y)),)
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor) -> tuple[torch.Tensor, LossParts]:
         adv_logits = self.student(x_adv)
         ce_adv = F.cross_entropy(adv_logits, y)
         return ce_adv, {"ce_adv": ce_adv.detach(), "adv_acc": accuracy(adv_logits, y)}

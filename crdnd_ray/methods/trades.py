@@ -42,8 +42,11 @@ class TRADES(Distiller):
         self.student.train(was_training)
         return probs
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, LossParts]:
-        x_adv = self.inner_attack(x, attacks.kl_loss(self._attack_target(x)))
+    def attack_phase(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor]:
+        """``x'`` maximising ``KL(p_S(x) ‖ p_S(x'))``, with ``p_S(x)`` from :meth:`_attack_target`."""
+        return (self.inner_attack(x, attacks.kl_loss(self._attack_target(x))),)
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor) -> tuple[torch.Tensor, LossParts]:
         nat_logits = self.student(x)
         adv_logits = self.student(x_adv)
         ce_nat = F.cross_entropy(nat_logits, y)

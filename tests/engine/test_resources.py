@@ -38,9 +38,44 @@ def test_two_concurrent_trials_on_two_cpus_get_fractional_workers_that_fit():
     assert workers.concurrent == 2
 
 
-def test_gpu_workers_get_whole_gpus_and_single_worker_trials_share_them():
+def test_gpu_workers_get_whole_gpus_unless_trials_are_packed():
     cluster = {"CPU": 16.0, "GPU": 2.0}
     plan = plan_resources(ScalingConfig(num_workers=2), cluster)
     assert plan.use_gpu and plan.worker_resources["GPU"] == 1.0 and plan.concurrent == 1
-    shared = plan_resources(ScalingConfig(), cluster, concurrent_trials=4)
+    whole = plan_resources(ScalingConfig(), cluster, concurrent_trials=4)
+    assert whole.worker_resources["GPU"] == 1.0 and whole.concurrent == 2
+    shared = plan_resources(ScalingConfig(trials_per_gpu=2), cluster, concurrent_trials=4)
     assert shared.worker_resources["GPU"] == 0.5 and shared.concurrent == 4
+
+
+GPU_CLUSTER = {"CPU": 32.0, "GPU": 2.0, "memory": 64e9}
+
+
+@pytest.mark.parametrize(("trials_per_gpu", "concurrent", "share", "fits"), [
+    (1, 8, 1.0, 2), (4, 8, 0.25, 8), (4, 3, 0.25, 3), (3, 9, 0.3333, 6), (7, 14, 0.1428, 14),
+    ("auto", 1, 1.0, 1), ("auto", 3, 0.5, 3), ("auto", 8, 0.25, 8), ("auto", 100, 0.25, 8),
+])
+def test_single_worker_gpu_trials_are_packed_by_trials_per_gpu(trials_per_gpu, concurrent, share, fits):
+    scaling = ScalingConfig(use_gpu=True, trials_per_gpu=trials_per_gpu)
+    plan = plan_resources(scaling, GPU_CLUSTER, concurrent_trials=concurrent)
+    assert plan.worker_resources["GPU"] == share
+    assert plan.concurrent == fits
+    in_process = plan_resources(scaling, GPU_CLUSTER, concurrent_trials=concurrent, in_process=True)
+    assert in_process.trial_resources["GPU"] == share
+
+
+def test_multi_worker_trials_keep_whole_gpus_and_refuse_packing():
+    plan = plan_resources(ScalingConfig(num_workers=2, trials_per_gpu="auto"), GPU_CLUSTER, concurrent_trials=4)
+    assert plan.worker_resources["GPU"] == 1.0 and plan.concurrent == 1
+    with pytest.raises(ResourceError, match=r"trials_per_gpu=2 packs .* 2 worker\(s\).*Set scaling.trials_per_gpu: 1"):
+        plan_resources(ScalingConfig(num_workers=2, trials_per_gpu=2), GPU_CLUSTER)
+    with pytest.raises(ResourceError, match="without scaling.resources_per_worker"):
+        plan_resources(ScalingConfig(trials_per_gpu=2, resources_per_worker={"CPU": 1, "GPU": 0.5}), GPU_CLUSTER)
+
+
+def test_trials_per_gpu_accepts_positive_integers_and_auto():
+    assert ScalingConfig(trials_per_gpu="auto").trials_per_gpu == "auto"
+    assert ScalingConfig().trials_per_gpu == 1
+    for bad in (0, -1, "many"):
+        with pytest.raises(ValueError):
+            ScalingConfig(trials_per_gpu=bad)
