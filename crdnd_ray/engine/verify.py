@@ -169,7 +169,8 @@ class VerifyResult:
             eps, per example).
         checks: The checks that ran, in the order of :data:`CHECKS` (``transfer`` needs a surrogate).
         settings: The attack settings and tolerances used.
-        timings: Seconds: ``autoattack`` and ``total``.
+        timings: Wall seconds ``autoattack`` and ``total``, and this process's CPU seconds ``autoattack_cpu``
+            and ``total_cpu`` (on a shared machine the wall time also counts other people's work).
         checkpoint: ``best``, ``last`` or None (a model not taken from a run folder).
         files: Paths of the checkpoints verified (``model``) and attacked (``surrogate``), when known.
     """
@@ -308,7 +309,7 @@ def verify_model(model: nn.Module, dataset: Dataset, *, eps: float, limit: int |
                          "raise large_eps or check the run's eval.eps.")
     autoattack = attacks.parse_attack("autoattack", eps)
     say = progress or (lambda line: None)
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     run_device = torch.device(device) if device is not None else _model_device(model)
     total = len(dataset) if limit is None else min(limit, len(dataset))
     if total == 0:
@@ -326,11 +327,11 @@ def verify_model(model: nn.Module, dataset: Dataset, *, eps: float, limit: int |
             say(f"{name} on {total} examples at eps {eps:g}")
             correct[name] = _correct(model, attacks.parse_attack(name, eps), batches)
         say(f"AutoAttack (standard) on {total} examples")
-        clock = time.perf_counter()
+        clock, clock_cpu = time.perf_counter(), time.process_time()
         correct["autoattack"] = _correct(model, autoattack, batches)
         if run_device.type == "cuda":
             torch.cuda.synchronize(run_device)
-        autoattack_s = time.perf_counter() - clock
+        autoattack_s, autoattack_cpu = time.perf_counter() - clock, time.process_time() - clock_cpu
         say(f"PGD-{settings.long_steps} with {settings.restarts} restarts")
         correct[settings.long_name] = torch.stack(
             [_correct(model, long_attack, batches) for _ in range(settings.restarts)]).all(dim=0)
@@ -348,10 +349,10 @@ def verify_model(model: nn.Module, dataset: Dataset, *, eps: float, limit: int |
     at_eps = [hits for name, hits in correct.items() if name != "surrogate_clean"]
     accuracies = {name: _pct(hits) for name, hits in {**correct, **curve}.items()}
     accuracies["worst_case"] = _pct(torch.stack(at_eps).all(dim=0))
+    timings = {"autoattack": autoattack_s, "autoattack_cpu": autoattack_cpu, "total": time.perf_counter() - started,
+               "total_cpu": time.process_time() - started_cpu}
     return VerifyResult(eps=eps, n_eval=total, accuracies=accuracies, checks=run_checks(accuracies, eps, settings),
-                        settings=settings,
-                        timings={"autoattack": autoattack_s, "total": time.perf_counter() - started},
-                        checkpoint=checkpoint)
+                        settings=settings, timings=timings, checkpoint=checkpoint)
 
 
 def _multiples(eps: float, settings: VerifySettings) -> list[float]:

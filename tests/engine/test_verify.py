@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 import yaml
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from conftest import small_config
 from crdnd_ray.checkpoints import load_model
@@ -78,9 +80,9 @@ def test_honest_student_passes_the_gradient_masking_checks(honest):
     assert acc["clean"] > 85 and acc["clean"] >= acc["fgsm"] >= acc["pgd20"] >= acc["autoattack"] > 10
     assert acc["pgd20_eps_x0.5"] >= acc["pgd20"] >= acc["pgd20_eps_x2"] >= acc["pgd20_large_eps"]
     assert acc["pgd20_large_eps"] == 0
-    assert acc["transfer"] > acc["pgd20"] and acc["surrogate_clean"] > 80
+    assert acc["transfer"] > acc["pgd20"] and acc["surrogate_clean"] > 70
     assert acc["worst_case"] <= min(acc["autoattack"], acc["pgd100x5"], acc["transfer"])
-    assert honest.timings["total"] >= honest.timings["autoattack"] > 0
+    assert honest.timings["total"] >= honest.timings["autoattack"] > 0 and honest.timings["autoattack_cpu"] > 0
 
 
 def test_saturated_logits_are_flagged_by_eps_growth_transfer_and_the_autoattack_gap(honest, masked):
@@ -187,3 +189,14 @@ def test_errors_say_what_to_do(tmp_path):
         read_verify(tmp_path)
     with pytest.raises(ValueError, match="gap_tolerance is negative"):
         VerifySettings(gap_tolerance=-1)
+
+
+def test_without_torchattacks_nothing_runs_and_the_error_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchattacks", None)
+    attacked = []
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    model.register_forward_hook(lambda *args: attacked.append(True))
+    data = TensorDataset(torch.rand(4, 1, 2, 2), torch.tensor([0, 1, 0, 1]))
+    with pytest.raises(RuntimeError, match=r"pip install --no-deps torchattacks==3\.5\.1"):
+        verify_model(model, data, eps=0.1)
+    assert not attacked
