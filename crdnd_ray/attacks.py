@@ -46,8 +46,11 @@ __all__ = [
     "evaluate",
     "fgsm",
     "kl_loss",
+    "logits_of",
+    "model_device",
     "parse_attack",
     "pgd",
+    "training_flags_restored",
 ]
 
 LossFn = Callable[[Tensor], Tensor]
@@ -72,7 +75,7 @@ _TORCHATTACKS_HELP = (
 )
 
 
-def _logits(output: Any) -> Tensor:
+def logits_of(output: Any) -> Tensor:
     """Return the logits from a model output that may be ``(logits, features)``."""
     if isinstance(output, (tuple, list)):
         return output[0]
@@ -80,7 +83,7 @@ def _logits(output: Any) -> Tensor:
 
 
 @contextmanager
-def _training_flags_restored(model: nn.Module, training: bool | None) -> Iterator[None]:
+def training_flags_restored(model: nn.Module, training: bool | None) -> Iterator[None]:
     """Temporarily set ``model.train(training)`` (unless ``None``) and restore every submodule's flag."""
     saved = [(module, module.training) for module in model.modules()]
     try:
@@ -199,11 +202,11 @@ def pgd(
         x_adv = x.clone()
     x_adv = _project(x_adv, x, eps)
 
-    with _training_flags_restored(model, False if bn_mode == "eval" else None):
+    with training_flags_restored(model, False if bn_mode == "eval" else None):
         with torch.enable_grad():
             for _ in range(steps):
                 x_adv.requires_grad_(True)
-                loss = loss_fn(_logits(model(x_adv)))
+                loss = loss_fn(logits_of(model(x_adv)))
                 (grad,) = torch.autograd.grad(loss, x_adv)
                 x_adv = _project(x_adv.detach() + step_size * grad.sign(), x, eps)
     return x_adv.detach()
@@ -285,7 +288,7 @@ def _make_autoattack(eps: float) -> AttackFn:
 
     def attack(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         with torch.no_grad():
-            n_classes = int(_logits(model(x[:1])).shape[1])
+            n_classes = int(logits_of(model(x[:1])).shape[1])
         devices = [x.device] if x.device.type == "cuda" else []
         parameters = list(model.parameters())
         saved_grads = [parameter.grad for parameter in parameters]
@@ -362,13 +365,14 @@ def _scorer(attack: AttackFn, model: nn.Module) -> Callable[[Tensor, Tensor], tu
     def score(x: Tensor, y: Tensor) -> tuple[Tensor]:
         x_adv = attack(model, x, y)
         with torch.no_grad():
-            predictions = _logits(model(x_adv)).argmax(dim=1)
+            predictions = logits_of(model(x_adv)).argmax(dim=1)
         return ((predictions == y).sum(),)
 
     return score
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (or buffer); the CPU for a model with neither."""
     for tensor in model.parameters():
         return tensor.device
     for tensor in model.buffers():
@@ -429,7 +433,7 @@ def evaluate(
         display = _display_name(key, params)
         if display not in built:
             built[display] = EVAL_ATTACKS[key](eps, **params)
-    run_device = torch.device(device) if device is not None else _model_device(model)
+    run_device = torch.device(device) if device is not None else model_device(model)
     total = _planned_total(loader, limit)
     eager = EagerRunner()
     runner = runner or eager
@@ -438,7 +442,7 @@ def evaluate(
     correct = {display: torch.zeros((), dtype=torch.int64, device=run_device) for display in built}
     seen = 0
 
-    with _training_flags_restored(model, False):
+    with training_flags_restored(model, False):
         for batch in loader:
             if limit is not None and seen >= limit:
                 break
