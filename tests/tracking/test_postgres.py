@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -242,6 +243,8 @@ def test_serve_stops_everything_on_sigterm_and_keeps_the_data(server_folder: Pat
     code = "import sys; from crdnd_ray.pgserver import serve; sys.exit(serve(sys.argv[1], int(sys.argv[2])))"
     process = subprocess.Popen([sys.executable, "-c", code, str(server_folder), str(port)], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    watchdog = threading.Timer(300, lambda: os.killpg(process.pid, signal.SIGKILL))
+    watchdog.start()
     try:
         lines = []
         for line in process.stdout:
@@ -259,6 +262,7 @@ def test_serve_stops_everything_on_sigterm_and_keeps_the_data(server_folder: Pat
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=60)
     finally:
+        watchdog.cancel()
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
