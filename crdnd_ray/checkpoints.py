@@ -5,13 +5,16 @@ Every file is read with ``torch.load(weights_only=True)``, so a checkpoint can n
 
 from __future__ import annotations
 
+import inspect
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from crdnd_ray.models import build_model
+from crdnd_ray.models import MODELS, build_model
 from crdnd_ray.models.normalize import Normalized
 
 __all__ = ["CheckpointError", "load_model", "load_state_dict_file", "read_checkpoint", "save_model"]
@@ -50,6 +53,12 @@ def save_model(path: str | Path, model: nn.Module, arch: str, kwargs: dict[str, 
     return path
 
 
+def _unreadable(path: Path, error: BaseException | str) -> str:
+    problem = error if isinstance(error, str) else f"{type(error).__name__}: {str(error).splitlines()[0]}"
+    return (f"The checkpoint '{path}' could not be read ({problem}). "
+            "The file is corrupt, truncated, or not a PyTorch weights file; re-create or re-download it.")
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint file safely (``weights_only=True``), with clear errors."""
     path = Path(path)
@@ -58,11 +67,18 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
                               "'crdnd-ray teacher' or 'crdnd-ray train').")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
+    except pickle.UnpicklingError as error:
+        code = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        if code is None:
+            raise CheckpointError(_unreadable(path, "the file is not a PyTorch weights file")) from None
         raise CheckpointError(
-            f"The checkpoint '{path}' could not be read ({type(error).__name__}: {str(error).splitlines()[0]}). "
-            "The file is corrupt, truncated, or not a PyTorch weights file; re-create or re-download it."
+            f"The checkpoint '{path}' holds Python objects that loading it would have to run ({code.group(1)}; "
+            "UnpicklingError), "
+            "so it was refused: crdnd-ray only loads plain tensors and containers, never code from a file. "
+            "Save the model's weights as a state dict (crdnd-ray train and teacher do) and load that file."
         ) from None
+    except Exception as error:  # noqa: BLE001 - torch raises many types for a damaged file
+        raise CheckpointError(_unreadable(path, error)) from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"The checkpoint '{path}' holds a {type(payload).__name__}, not a state dict.")
     return payload
@@ -100,6 +116,14 @@ def _robustbench_state_dict(payload: dict[str, Any]) -> tuple[dict[str, torch.Te
     return mapped, normalisation
 
 
+def _effective_kwargs(arch: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The architecture arguments a model is built with: the constructor's defaults updated by ``kwargs``."""
+    parameters = inspect.signature(MODELS[arch].__init__).parameters.values() if arch in MODELS else []
+    defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty
+                and p.name not in ("num_classes", "in_channels")}
+    return {**defaults, **kwargs}
+
+
 def load_model(path: str | Path, *, arch: str | None = None, kwargs: dict[str, Any] | None = None,
                num_classes: int | None = None, in_channels: int | None = None, checkpoint_format: str = "crdnd",
                mean: list[float] | None = None, std: list[float] | None = None) -> nn.Module:
@@ -126,6 +150,13 @@ def load_model(path: str | Path, *, arch: str | None = None, kwargs: dict[str, A
                     f"The checkpoint '{path}' was saved for {name}={payload[name]!r}, but the config asks for "
                     f"{wanted!r}. Use a checkpoint that matches the dataset and model, or fix the config."
                 )
+        saved = _effective_kwargs(payload["arch"], payload["kwargs"])
+        if kwargs is not None and _effective_kwargs(payload["arch"], kwargs) != saved:
+            raise CheckpointError(
+                f"The checkpoint '{path}' was saved for a {payload['arch']} with {saved}, but the config asks for "
+                f"{_effective_kwargs(payload['arch'], kwargs)}. Set the config's kwargs to the checkpoint's (for a "
+                f"teacher: teacher.kwargs: {payload['kwargs']}), or use a checkpoint of the configured model."
+            )
         arch, kwargs = payload["arch"], payload["kwargs"]
         num_classes, in_channels = payload["num_classes"], payload["in_channels"]
         state_dict = payload["state_dict"]

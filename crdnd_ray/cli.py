@@ -16,10 +16,11 @@ from rich.table import Table
 
 from crdnd_ray import runs
 from crdnd_ray.config import ConfigError, RunConfig, load_config
+from crdnd_ray.logs import route_library_logs
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Search hyperparameters and reproduce ablations of CRDND robustness distillation.")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 stdout = Console(width=None if sys.stdout.isatty() else 160)
 
 SET_HELP = "Override a config value: --set dotted.key=value (repeatable), e.g. --set train.epochs=5."
@@ -34,8 +35,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from crdnd_ray.checkpoints import CheckpointError
     from crdnd_ray.data import DataError
     from crdnd_ray.engine.resources import ResourceError
+    from crdnd_ray.robustness import VerifyError
+    from crdnd_ray.tracking.store import TrackingUnavailable
 
-    return ConfigError, DataError, CheckpointError, UsageError, ResourceError
+    return ConfigError, DataError, CheckpointError, UsageError, ResourceError, TrackingUnavailable, VerifyError
 
 
 def _run_failures() -> tuple[type[BaseException], ...]:
@@ -59,8 +62,9 @@ def handle_errors(command: Callable) -> Callable:
             console.print(f"[bold red]the run failed:[/] {error}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt as interrupt:
-            hint = f" ({interrupt})" if str(interrupt) else ""
-            console.print(f"[yellow]interrupted[/]: what finished so far is kept in the output folder{hint}.")
+            hint = f"; {interrupt}" if str(interrupt) else ""
+            console.print(f"[yellow]interrupted[/]: what finished so far is kept in the output folder{hint}.",
+                          highlight=False, soft_wrap=True)
             raise typer.Exit(130) from None
 
     return wrapper
@@ -77,23 +81,42 @@ def progress_printer(prefix: str = "") -> Callable[[str], None]:
 
 
 def load(config: Optional[Path], overrides: list[str]) -> RunConfig:
-    """Load a config file with ``--set`` overrides and run the preflight checks (ConfigError on bad input)."""
-    from crdnd_ray.engine.preflight import preflight
+    """Load a config file with ``--set`` overrides and check the names it uses (ConfigError on bad input)."""
+    from crdnd_ray.engine.preflight import check_config
 
     cfg = load_config(config, overrides or [])
-    preflight(cfg)
+    check_config(cfg)
     return cfg
 
 
-def output_folder(cfg: RunConfig, output: Optional[Path], kind: str = "") -> Path:
-    """The command's output folder: ``--output`` or ``runs/<experiment>/<timestamp>[-kind]``."""
-    if output is not None:
+def prepare_folder(cfg: RunConfig, output: Optional[Path], resume: Optional[Path] = None, kind: str = "") -> Path:
+    """Run every preflight check, then create the output folder and write the resolved config into it.
+
+    The folder is ``--resume``'s (which must hold a ``config.yaml``), ``--output``, or
+    ``runs/<experiment>/<timestamp>[-kind]``. Nothing is created when a check fails.
+    """
+    from crdnd_ray.engine.preflight import preflight
+
+    if resume is not None:
+        folder = resume
+    elif output is not None:
         folder = output
     else:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         folder = Path("runs") / cfg.experiment.name / (f"{stamp}-{kind}" if kind else stamp)
+    preflight(cfg, folder)
     folder.mkdir(parents=True, exist_ok=True)
+    runs.write_config(folder, cfg)
+    route_library_logs(folder)
     return folder
+
+
+def resumed_config(resume: Path, overrides: list[str], kind: str) -> RunConfig:
+    """The config of the folder that ``--resume`` continues (UsageError when it is not such a folder)."""
+    if not (resume / runs.CONFIG_FILE).exists():
+        raise UsageError(f"'{resume}' holds no {runs.CONFIG_FILE}, so it is not a crdnd-ray {kind} folder to resume. "
+                         "Pass the output folder of the interrupted command.")
+    return load(resume / runs.CONFIG_FILE, overrides)
 
 
 def print_metrics_table(title: str, rows: dict[str, dict[str, float]]) -> None:
@@ -121,8 +144,7 @@ def teacher(
     from crdnd_ray.engine.teachers import train_teacher
 
     cfg = load(config, set_)
-    folder = output_folder(cfg, output, "teacher")
-    runs.write_config(folder, cfg)
+    folder = prepare_folder(cfg, output, kind="teacher")
     started = time.perf_counter()
     path = train_teacher(cfg, folder, progress_printer("teacher "))
     final = runs.read_final(folder) or {}
@@ -147,18 +169,10 @@ def train(
     """Distil one student: the teacher is prepared (cached), then the run trains and is evaluated."""
     from crdnd_ray.engine.runner import train_run
 
-    if resume is not None:
-        saved = resume / runs.CONFIG_FILE
-        if not saved.exists():
-            raise UsageError(f"'{resume}' holds no config.yaml, so it is not a crdnd-ray run folder to resume.")
-        cfg = load(saved, set_)
-        folder = resume
-    else:
-        cfg = load(config, set_)
-        folder = output_folder(cfg, output)
+    cfg = resumed_config(resume, set_, "run") if resume is not None else load(config, set_)
     if workers is not None:
         cfg = cfg.with_overrides({"scaling.num_workers": workers}, source="--workers")
-    runs.write_config(folder, cfg)
+    folder = prepare_folder(cfg, output, resume)
     started = time.perf_counter()
     final = train_run(cfg, folder, progress=progress_printer(), resume=resume is not None)
     print_metrics_table(f"{cfg.method.name} ({time.perf_counter() - started:.1f} s)", _by_checkpoint(final))
@@ -214,12 +228,27 @@ def evaluate(
         stdout.print(f"wrote {json_path}")
 
 
-def _sweep_folder(cfg: RunConfig, output: Optional[Path], resume: Optional[Path], kind: str) -> Path:
-    if resume is not None:
-        if not (resume / runs.CONFIG_FILE).exists():
-            raise UsageError(f"'{resume}' holds no config.yaml, so it is not a crdnd-ray {kind} folder to resume.")
-        return resume
-    return output_folder(cfg, output, kind)
+def _dry_run(plan: Any, cfg: RunConfig, output: Optional[Path]) -> None:
+    """Print a plan with the problems this machine would hit (missing data, teacher, store): as warnings,
+    since a plan is often checked before it ships to the cluster that has them."""
+    from crdnd_ray.engine.preflight import environment_problems
+
+    plan.details["warnings"] = plan.details.get("warnings", []) + [str(p) for p in environment_problems(cfg, output)]
+    stdout.print_json(json.dumps({"plan": plan.__dict__, "config": cfg.run_dict()}, default=str))
+
+
+def _check_outcome(kind: str, rows: list[dict[str, Any]], folder: Path) -> None:
+    """Exit code of a sweep or ablation: 0 when a trial finished (failures listed), else TrainingFailed (1)."""
+    from crdnd_ray.engine.distributed import TrainingFailed
+
+    failed = [row for row in rows if row["status"] == "failed"]
+    reasons = sorted({str(row["reason"]) for row in failed})
+    if not any(row["status"] == "finished" for row in rows):
+        raise TrainingFailed(f"no trial of the {kind} finished ({len(failed)} of {len(rows)} failed: "
+                             f"{'; '.join(reasons) or 'none finished'}). The trials are in {folder}.")
+    if failed:
+        console.print(f"[yellow]{len(failed)} of {len(rows)} trial(s) failed[/]: {'; '.join(reasons)}",
+                      highlight=False, soft_wrap=True)
 
 
 def _print_rows(title: str, rows: list[dict[str, Any]], metrics: list[str]) -> None:
@@ -254,15 +283,15 @@ def sweep(
     """Search temperature, contrastive weight and compensation with Ray Tune + Optuna."""
     from crdnd_ray.engine.sweep import plan_sweep, run_sweep
 
-    cfg = load(resume / runs.CONFIG_FILE if resume else config, set_)
+    cfg = resumed_config(resume, set_, "sweep") if resume is not None else load(config, set_)
     plan = plan_sweep(cfg)
     if dry_run:
-        stdout.print_json(json.dumps({"plan": plan.__dict__, "config": cfg.run_dict()}, default=str))
+        _dry_run(plan, cfg, output)
         return
-    folder = _sweep_folder(cfg, output, resume, "sweep")
-    runs.write_config(folder, cfg)
+    folder = prepare_folder(cfg, output, resume, "sweep")
     started = time.perf_counter()
     outcome = run_sweep(cfg, folder, resume=resume is not None, printer=progress_printer())
+    _check_outcome("sweep", outcome["rows"], folder)
     assert cfg.search is not None
     metrics = cfg.search.metrics + [m for m in ("best_clean_acc", "best_pgd20_acc") if m not in cfg.search.metrics]
     _print_rows(f"sweep of {len(outcome['rows'])} trials ({time.perf_counter() - started:.1f} s)", outcome["rows"], metrics)
@@ -290,16 +319,35 @@ def ablate(
     """Run the ablation study (variants × seeds) and print the mean ± std table."""
     from crdnd_ray.engine.ablation import run_ablation
 
-    cfg = load(resume / runs.CONFIG_FILE if resume else config, set_)
-    folder = _sweep_folder(cfg, output, resume, "ablation")
-    runs.write_config(folder, cfg)
+    cfg = resumed_config(resume, set_, "ablation") if resume is not None else load(config, set_)
+    folder = prepare_folder(cfg, output, resume, "ablation")
     started = time.perf_counter()
     outcome = run_ablation(cfg, folder, resume=resume is not None, printer=progress_printer())
+    _check_outcome("ablation", outcome["rows"], folder)
     stdout.print(f"ablation of {len(outcome['rows'])} runs in {time.perf_counter() - started:.1f} s\n")
     stdout.print(outcome["markdown"], highlight=False, markup=False)
     stdout.print("files: " + ", ".join(str(path) for path in outcome["files"]))
     if outcome["parent_run_id"]:
         stdout.print(f"MLflow: experiment '{cfg.experiment.name}', parent run {outcome['parent_run_id']}")
+
+
+@app.command()
+@handle_errors
+def sync(
+    folder: Path = typer.Argument(..., help="An output folder of train, sweep or ablate."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="Send to this store instead of the folder's."),
+) -> None:
+    """Send what the tracking store missed (an outage, a killed run) from an output folder, and end its runs."""
+    from crdnd_ray.config import TrackingConfig
+    from crdnd_ray.tracking.sync import sync_folder
+
+    if not (folder / runs.CONFIG_FILE).exists():
+        raise UsageError(f"'{folder}' holds no {runs.CONFIG_FILE}, so it is not a crdnd-ray output folder. Pass the "
+                         "folder that train, sweep or ablate wrote.")
+    cfg = runs.read_config(folder)
+    tracking = TrackingConfig(uri=tracking_uri) if tracking_uri else cfg.tracking
+    kind, repaired = sync_folder(folder, tracking)
+    stdout.print(f"{kind} folder {folder}: {repaired} run(s) sent or repaired in {tracking.uri}")
 
 
 @app.command()
@@ -339,7 +387,10 @@ def ui(
 
 
 def main() -> None:
-    """Entry point of the console script."""
+    """Entry point of the console script: SIGTERM ends a command as Ctrl-C does."""
+    from crdnd_ray.engine import interrupt_on_sigterm
+
+    interrupt_on_sigterm()
     app(prog_name="crdnd-ray")
 
 

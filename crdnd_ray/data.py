@@ -16,7 +16,8 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 from crdnd_ray.config import DataConfig
 
-__all__ = ["CIFAR_FOLDERS", "DataError", "DatasetInfo", "SyntheticImages", "build_datasets", "dataset_info"]
+__all__ = ["CIFAR_FOLDERS", "DataError", "DatasetInfo", "SyntheticImages", "build_datasets", "dataset_info",
+           "require_data"]
 
 
 class DataError(Exception):
@@ -34,6 +35,26 @@ class DatasetInfo:
 
 
 CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+CIFAR_FILES = {"cifar10": [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], "cifar100": ["train", "test"]}
+"""The files of torchvision's extracted archives that the loaders read."""
+
+
+def require_data(cfg: DataConfig) -> None:
+    """Refuse, before any work, a dataset that is not on disk and will not be downloaded (DataError).
+
+    Cheap: it checks that torchvision's files exist, without reading them.
+    """
+    if cfg.name not in CIFAR_FOLDERS or cfg.download:
+        return
+    root = Path(cfg.root).expanduser()
+    folder = root / CIFAR_FOLDERS[cfg.name]
+    missing = [name for name in CIFAR_FILES[cfg.name] if not (folder / name).is_file()]
+    if missing:
+        raise DataError(
+            f"The {cfg.name} dataset is not in '{folder}' (missing {', '.join(missing)}) and data.download is "
+            f"false. Either set data.download: true (or --set data.download=true) on a machine with internet, or "
+            f"put torchvision's extracted '{CIFAR_FOLDERS[cfg.name]}' folder under data.root='{root}'."
+        )
 
 
 def dataset_info(cfg: DataConfig) -> DatasetInfo:

@@ -7,7 +7,8 @@ A **run folder** (the output of ``crdnd-ray train``, or ``trials/<trial id>/`` i
   write, is skipped by every reader);
 - ``final_metrics.json``: ``{"best": {...}, "last": {...}, "best_epoch": n}``, the attack suite on the best-PGD
   and the last checkpoint; it exists exactly when the run finished;
-- ``best.pt`` and ``last.pt``: student checkpoints; ``checkpoint/state.pt``: the full training state to resume;
+- ``best.pt`` and ``last.pt``: student checkpoints; ``checkpoint/state.pt``: the full training state to resume,
+  and ``state.previous.pt``: the one before it, in case the newest is torn by a crash;
 - ``run.json``: facts for the tracking store (the MLflow run id and URI), so a resumed run continues its run.
 
 A **sweep or ablation folder** holds ``config.yaml``, ``run.json`` (the MLflow parent run and the kind),
@@ -20,8 +21,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import yaml
 
@@ -37,6 +39,7 @@ __all__ = [
     "METRICS_FILE",
     "RUN_INFO_FILE",
     "RunStatus",
+    "PREVIOUS_STATE_FILE",
     "STATE_DIR",
     "STATE_FILE",
     "flatten_final",
@@ -46,11 +49,13 @@ __all__ = [
     "read_final",
     "read_metrics",
     "read_run_info",
+    "read_state",
     "run_status",
     "update_run_info",
     "write_config",
     "write_final",
     "write_metrics",
+    "write_state",
 ]
 
 CONFIG_FILE = "config.yaml"
@@ -60,11 +65,12 @@ BEST_CHECKPOINT = "best.pt"
 LAST_CHECKPOINT = "last.pt"
 STATE_DIR = "checkpoint"
 STATE_FILE = "state.pt"
+PREVIOUS_STATE_FILE = "state.previous.pt"
 RUN_INFO_FILE = "run.json"
 ARTIFACT_FILES = (CONFIG_FILE, BEST_CHECKPOINT, FINAL_FILE, METRICS_FILE)
 """The files of a run folder that are uploaded to the tracking store when the run ends (when present)."""
 
-RunStatus = Literal["running", "finished", "stopped_early", "failed"]
+RunStatus = Literal["running", "finished", "stopped_early", "failed", "killed"]
 FINAL_MARKER = "best_epoch"
 """The key that only a run's last report carries: its final metrics arrived."""
 
@@ -153,23 +159,26 @@ def is_final(report: dict[str, Any] | None) -> bool:
     return bool(report) and FINAL_MARKER in report
 
 
-def run_status(report: dict[str, Any] | None, *, ended: bool, error: str | None = None) -> tuple[RunStatus, str]:
+def run_status(report: dict[str, Any] | None, *, ended: bool, error: str | None = None,
+               interrupted: bool = False) -> tuple[RunStatus, str]:
     """The one status rule: ``(status, reason)`` of a run from its last report.
 
-    ``failed`` when it ended with ``error``; ``finished`` when its final metrics arrived; ``running`` while it
-    goes on; otherwise it ``stopped_early`` (a scheduler such as ASHA ended it), and the reason names the
-    last epoch it completed.
+    ``failed`` when it ended with ``error``; ``finished`` when its final metrics arrived; ``killed`` when the
+    user interrupted it (Ctrl-C, SIGTERM) before that; ``running`` while it goes on; otherwise it
+    ``stopped_early`` (a scheduler such as ASHA ended it), and the reason names the last epoch it completed.
     """
     if error is not None:
         return "failed", error
     if is_final(report):
         return "finished", ""
+    epoch = (report or {}).get("epoch")
+    reached = (f"after epoch {int(epoch)}" if isinstance(epoch, (int, float)) and not isinstance(epoch, bool)
+               and math.isfinite(epoch) else "before its first epoch ended")
+    if interrupted:
+        return "killed", f"Interrupted {reached}; --resume continues it from its last checkpoint."
     if not ended:
         return "running", ""
-    epoch = (report or {}).get("epoch")
-    if isinstance(epoch, (int, float)) and not isinstance(epoch, bool) and math.isfinite(epoch):
-        return "stopped_early", f"The scheduler stopped the run after epoch {int(epoch)}."
-    return "stopped_early", "The scheduler stopped the run before its first epoch ended."
+    return "stopped_early", f"The scheduler stopped the run {reached}."
 
 
 def read_run_info(folder: Path) -> dict[str, Any]:
@@ -189,3 +198,49 @@ def update_run_info(folder: Path, **facts: Any) -> dict[str, Any]:
     info = {**read_run_info(folder), **facts}
     _write_atomic(folder / RUN_INFO_FILE, json.dumps(info, indent=2))
     return info
+
+
+def write_state(folder: Path, state: dict[str, Any]) -> Path:
+    """Write the full training state as ``checkpoint/state.pt`` (atomically) and return ``checkpoint/``.
+
+    The state it replaces is kept as ``state.previous.pt`` in the run folder, outside ``checkpoint/`` (which
+    Ray copies to its storage each epoch), so a torn newest state never loses the run.
+    """
+    import torch
+
+    directory = Path(folder) / STATE_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    current = directory / STATE_FILE
+    temporary = directory / (STATE_FILE + ".tmp")
+    torch.save(state, temporary)
+    if current.exists():
+        os.replace(current, Path(folder) / PREVIOUS_STATE_FILE)
+    temporary.replace(current)
+    return directory
+
+
+def read_state(checkpoint_dir: Path, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The training state to resume from: ``checkpoint_dir/state.pt``, or the previous state of its run folder
+    when the newest cannot be read (``progress`` says so). CheckpointError when neither can."""
+    import torch
+
+    from crdnd_ray.checkpoints import CheckpointError
+
+    checkpoint_dir = Path(checkpoint_dir)
+    problems = []
+    for path in (checkpoint_dir / STATE_FILE, checkpoint_dir.parent / PREVIOUS_STATE_FILE):
+        if not path.is_file():
+            problems.append(f"'{path}' does not exist")
+            continue
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - a torn file raises several types
+            problems.append(f"'{path}' is unreadable ({type(error).__name__})")
+            continue
+        if problems and progress:
+            progress(f"{problems[0]}; resuming from the previous state instead (epoch {state['epoch']})")
+        return state
+    raise CheckpointError(
+        f"No training state to resume from: {'; '.join(problems)}. Start the run again without --resume, in a "
+        "new output folder."
+    )

@@ -44,6 +44,7 @@ def small_config(**overrides) -> RunConfig:
         "tracking.enabled": False,
         "teacher.training.epochs": 4,
         "train.epochs": 2,
+        "search.scheduler.grace_period": 1,
         "eval.epoch_limit": 64,
         "eval.final_limit": 64,
         "attack.steps": 3,
@@ -189,3 +190,50 @@ def write_run_folder(folder: Path, epochs: int = RUN_EPOCHS, final: bool = True,
             "best_epoch": epochs - 1,
         }))
     return cfg
+
+
+CLI = [sys.executable, "-m", "crdnd_ray.cli"]
+
+
+def start_cli(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
+    """Start ``crdnd-ray ARGS`` in its own process group (so a test can signal it as a terminal would)."""
+    with open(log, "w") as handle:
+        return subprocess.Popen([*CLI, *args], cwd=cwd, stdout=handle, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def wait_until(condition, timeout: float, what: str) -> float:
+    """Poll ``condition()`` every 0.25 s; return the seconds waited, or fail the test naming ``what``."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < timeout:
+        if condition():
+            return time.perf_counter() - started
+        time.sleep(0.25)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def epochs_done(folder: Path) -> dict[str, int]:
+    """Trial id → epochs in its metrics.jsonl, for every trial folder under ``folder``."""
+    from crdnd_ray import runs
+
+    return {path.name: len(runs.read_metrics(path)) for path in folder.glob("trials/*")}
+
+
+def mlflow_runs(uri: str, folder: Path) -> tuple[object, dict[str, object]]:
+    """The parent run of a sweep/ablation folder and its children by trial id, read back from the store."""
+    from mlflow import MlflowClient
+
+    from crdnd_ray import runs
+
+    client = MlflowClient(uri)
+    parent = client.get_run(runs.read_run_info(folder)["mlflow_run_id"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    return parent, {child.data.tags["trial_id"]: child for child in children}
+
+
+def loss_steps(uri: str, run) -> list[int]:
+    """The steps of a run's ``loss`` history (a duplicate step would appear twice)."""
+    from mlflow import MlflowClient
+
+    return sorted(point.step for point in MlflowClient(uri).get_metric_history(run.info.run_id, "loss"))

@@ -3,6 +3,8 @@ with exit 2 and one paragraph, never a traceback."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import time
@@ -10,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, free_port
 
 CLI = [sys.executable, "-m", "crdnd_ray.cli"]
 
@@ -49,3 +51,77 @@ def test_the_cli_refuses_an_unknown_method_in_seconds_with_exit_2(tmp_path, comm
     assert "Did you mean 'crdnd'?" in " ".join(done.stderr.split()) and "Traceback" not in done.stderr
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
     print(f"\n{command[0]}: refused in {elapsed:.1f} s")
+
+
+def _refused(tmp_path: Path, args: list[str], *needles: str) -> str:
+    """Run ``crdnd-ray ARGS`` with a private teacher cache: exit 2, one paragraph naming every needle, no
+    traceback, no output folder and no teacher trained."""
+    cache = tmp_path / "teacher-cache"
+    env = {**os.environ, "CRDND_RAY_CACHE": str(cache)}
+    started = time.perf_counter()
+    done = subprocess.run([*CLI, *args], cwd=tmp_path, capture_output=True, text=True, timeout=180, env=env)
+    elapsed = time.perf_counter() - started
+    message = " ".join(done.stderr.split())
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert message.startswith("error:") and "Traceback" not in done.stderr + done.stdout, done.stderr
+    for needle in needles:
+        assert needle in message, (needle, message)
+    assert not (tmp_path / "out").exists() and not cache.exists(), "refused before any work"
+    assert elapsed < 60, f"took {elapsed:.0f} s"
+    return message
+
+
+DIGITS = str(REPO / "search_spaces" / "digits.yaml")
+
+
+def test_a_typo_in_the_final_attacks_is_refused_before_training(tmp_path):
+    _refused(tmp_path, ["train", DIGITS, "--output", "out", "--set", "eval.final_attacks=[clean, pgd2x]"],
+             "eval.final_attacks names 'pgd2x'", "pgd<K>")
+
+
+@pytest.mark.parametrize("command", ["train", "sweep", "ablate"])
+def test_an_unreachable_tracking_server_is_refused_before_the_teacher_is_trained(tmp_path, command):
+    source = str(REPO / ("ablations" if command == "ablate" else "search_spaces") / "digits.yaml")
+    _refused(tmp_path, [command, source, "--output", "out", "--set", f"tracking.uri=http://127.0.0.1:{free_port()}"],
+             "does not answer", "tracking.enabled: false")
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused(tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    message = _refused(tmp_path, ["train", DIGITS, "--output", "a-file/run", "--set", "tracking.enabled=false"],
+                       "cannot be written", "--output")
+    assert "a-file" in message
+
+
+def test_a_teacher_checkpoint_that_does_not_fit_teacher_kwargs_is_refused(tmp_path):
+    from crdnd_ray.checkpoints import save_model
+    from crdnd_ray.models import build_model
+
+    path = save_model(tmp_path / "wide.pt", build_model("small_cnn", 10, in_channels=1, width=32), "small_cnn",
+                      {"width": 32}, num_classes=10, in_channels=1)
+    _refused(tmp_path, ["train", DIGITS, "--output", "out", "--set", "tracking.enabled=false",
+                        "--set", f"teacher.checkpoint={path}", "--set", "teacher.kwargs={width: 16}"],
+             "'width': 32", "teacher.kwargs: {'width': 32}")
+
+
+def test_missing_cifar_data_is_refused_before_any_work(tmp_path):
+    _refused(tmp_path, ["train", str(REPO / "search_spaces" / "cifar10.yaml"), "--output", "out",
+                        "--set", "tracking.enabled=false", "--set", f"data.root={tmp_path / 'nothing'}",
+                        "--set", "teacher.checkpoint=null"],
+             "cifar-10-batches-py", "data.download")
+
+
+def test_an_asha_grace_period_longer_than_the_run_is_refused_by_the_dry_run_too(tmp_path):
+    for extra in ([], ["--dry-run"]):
+        _refused(tmp_path, ["sweep", DIGITS, "--output", "out", "--set", "train.epochs=2", *extra],
+                 "grace_period=3 is longer than the 2 epochs")
+
+
+def test_the_dry_run_lists_what_this_machine_lacks_as_warnings(tmp_path):
+    done = subprocess.run([*CLI, "sweep", str(REPO / "search_spaces" / "cifar100.yaml"), "--dry-run",
+                           "--set", f"tracking.uri=http://127.0.0.1:{free_port()}",
+                           "--set", f"data.root={tmp_path / 'nothing'}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    warnings = " ".join(json.loads(done.stdout)["plan"]["details"]["warnings"])
+    assert "cifar-100-python" in warnings and "does not answer" in warnings

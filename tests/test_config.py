@@ -200,8 +200,16 @@ def test_no_file_gives_the_defaults():
     assert cfg.search is None and cfg.ablation is None
 
 
-def test_empty_file_gives_the_defaults(tmp_path):
-    assert load_config(_write(tmp_path, "# nothing here\n")) == RunConfig()
+@pytest.mark.parametrize("text", ["", "\n  \n", "# nothing here\n"])
+def test_an_empty_file_is_refused_instead_of_running_the_defaults(tmp_path, text):
+    _assert_user_error(_run_cli([str(_write(tmp_path, text))], tmp_path), "is empty", "built-in defaults")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_binary_file_is_refused_in_one_paragraph(tmp_path):
+    config = tmp_path / "model.pt"
+    config.write_bytes(bytes(range(256)) * 4)
+    _assert_user_error(_run_cli([str(config)], tmp_path), "is not a text file", "search_spaces/digits.yaml")
 
 
 # --- apply_overrides on free-form mappings ----------------------------------------------------------

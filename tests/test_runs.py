@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from conftest import write_run_folder
 from crdnd_ray import runs
+from crdnd_ray.checkpoints import CheckpointError
 from crdnd_ray.config import ConfigError, RunConfig
 
 
@@ -61,3 +63,19 @@ def test_run_info_merges_facts(tmp_path):
     assert runs.update_run_info(tmp_path, mlflow_run_id="abc") == {"kind": "sweep", "mlflow_run_id": "abc"}
     (tmp_path / runs.RUN_INFO_FILE).write_text("{not json")
     assert runs.read_run_info(tmp_path) == {}
+
+
+def test_a_torn_newest_state_falls_back_to_the_previous_one_and_says_so(tmp_path):
+    first = runs.write_state(tmp_path, {"epoch": 0, "weights": torch.zeros(3)})
+    runs.write_state(tmp_path, {"epoch": 1, "weights": torch.ones(3)})
+    assert (tmp_path / runs.PREVIOUS_STATE_FILE).is_file()
+    assert runs.read_state(first)["epoch"] == 1
+    newest = first / runs.STATE_FILE
+    newest.write_bytes(newest.read_bytes()[:40])
+    said: list[str] = []
+    state = runs.read_state(first, said.append)
+    assert state["epoch"] == 0 and torch.equal(state["weights"], torch.zeros(3))
+    assert len(said) == 1 and "unreadable" in said[0] and "previous state" in said[0] and "epoch 0" in said[0]
+    (tmp_path / runs.PREVIOUS_STATE_FILE).write_bytes(b"torn")
+    with pytest.raises(CheckpointError, match="No training state to resume from.*unreadable.*without --resume"):
+        runs.read_state(first)

@@ -34,7 +34,13 @@ def load_config(path: str | Path | None, overrides: list[str] | dict[str, Any] |
                 f"The config file '{file}' does not exist. Check the path; the shipped examples live in "
                 "search_spaces/ and ablations/."
             )
-        text = file.read_text()
+        try:
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(
+                f"The config file '{file}' is not a text file (it is not UTF-8). Pass a YAML file such as "
+                "search_spaces/digits.yaml."
+            ) from None
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as error:
@@ -46,7 +52,10 @@ def load_config(path: str | Path | None, overrides: list[str] | dict[str, Any] |
                 "quotes) and run the command again."
             ) from None
         if loaded is None:
-            loaded = {}
+            raise ConfigError(
+                f"The config file '{file}' is empty (nothing but blanks or comments). Fill it in (see "
+                "search_spaces/digits.yaml), or leave the file out of the command to run on the built-in defaults."
+            )
         if not isinstance(loaded, dict):
             raise ConfigError(
                 f"{file}: the top level must be a mapping of sections (experiment, data, method, ...), "

@@ -7,7 +7,9 @@ set in the environment win.
 """
 
 import os
+import signal
 import tempfile
+import threading
 
 RAY_ENVIRONMENT = {
     "RAY_AUTH_MODE": "disabled",
@@ -20,3 +22,12 @@ RAY_ENVIRONMENT = {
 }
 for _name, _value in RAY_ENVIRONMENT.items():
     os.environ.setdefault(_name, _value)
+
+
+def interrupt_on_sigterm() -> None:
+    """Make SIGTERM end the work as Ctrl-C does: it runs whatever handles SIGINT at that moment (Ray Tune's
+    graceful stop during a sweep, Ray Train's abort, else KeyboardInterrupt), so partial results are written
+    and unfinished runs are marked killed. Installed by the CLI, and again after ``ray.init`` (which installs
+    its own SIGTERM handler in the driver). Only the main thread can install signal handlers."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))

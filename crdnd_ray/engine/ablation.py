@@ -18,7 +18,7 @@ import pandas as pd
 from crdnd_ray import plots, tables
 from crdnd_ray.analysis import mean, paired_difference, std
 from crdnd_ray.config import AblationConfig, ConfigError, RunConfig, load_config
-from crdnd_ray.engine.preflight import preflight
+from crdnd_ray.engine.preflight import check_config
 from crdnd_ray.engine.teachers import prepare_teacher
 from crdnd_ray.engine.trials import TrialSpec, run_trials
 
@@ -37,7 +37,7 @@ def validate_ablation(cfg: RunConfig) -> AblationConfig:
             cfg.with_overrides(dict(overrides or {}), source=f"ablation.variants.{name}")
         except ConfigError as error:
             raise ConfigError(f"ablation variant '{name}' is invalid: {error}") from None
-    preflight(cfg)
+    check_config(cfg)
     known = ({f"{a}_acc" for a in cfg.eval.epoch_attacks}
              | {f"{w}_{a}_acc" for w in ("best", "last") for a in cfg.eval.final_attack_names})
     for metric in ablation.metrics:
@@ -178,4 +178,5 @@ def run_ablation(cfg: RunConfig, folder: Path, resume: bool = False,
         plots.bar_plot_with_errors(plotted, folder / "ablation.png")
         files.append(folder / "ablation.png")
     result.attach(files)
+    result.raise_if_interrupted()
     return {"rows": rows, "table": table, "markdown": markdown, "files": files, "parent_run_id": result.parent_run_id}

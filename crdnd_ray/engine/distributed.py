@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from crdnd_ray import runs
 from crdnd_ray.config import RunConfig, ScalingConfig
+from crdnd_ray.engine import interrupt_on_sigterm
 from crdnd_ray.engine.loop import LoopContext, run_training
 from crdnd_ray.engine.resources import ResourcePlan, plan_resources
 from crdnd_ray.engine.teachers import load_teacher
@@ -28,6 +29,7 @@ __all__ = [
     "RecordingCallback",
     "TrainingFailed",
     "build_trainer",
+    "describe_failure",
     "init_ray",
     "root_cause",
     "run_distributed",
@@ -47,6 +49,7 @@ def init_ray(scaling: ScalingConfig, log_to_driver: bool = True) -> dict[str, fl
             ray.init(address=address, log_to_driver=log_to_driver, logging_level="WARNING")
         else:
             _start_local_ray(log_to_driver)
+        interrupt_on_sigterm()
     return {key: float(value) for key, value in ray.cluster_resources().items()}
 
 
@@ -202,9 +205,37 @@ def run_distributed(cfg: RunConfig, output_dir: Path, teacher_path: Path | None,
                             extra_config=extra_config)
     try:
         trainer.fit()
-    except Exception as error:
-        raise TrainingFailed(f"the Ray Train run failed: {root_cause(error)}") from error
+    except Exception as error:  # noqa: BLE001 - every failure becomes one paragraph with the resume command
+        raise TrainingFailed(describe_failure(error, output_dir)) from error
     return runs.read_final(output_dir) or {}
+
+
+def describe_failure(error: BaseException, output_dir: Path) -> str:
+    """One paragraph for a failed Ray Train run: which rank failed and why, and how to continue it.
+
+    A rank whose process died is named as such (the other ranks then fail on their broken connections, which
+    says nothing new); otherwise each rank's error is given by its last line.
+    """
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, WorkerGroupError):
+        cause = cause.__cause__
+    failures = cause.worker_failures if cause is not None else {}
+    died = sorted(rank for rank, failure in failures.items() if "process has died" in str(failure)
+                  or type(failure).__name__ in ("ActorDiedError", "WorkerHealthCheckFailedError"))
+    if died:
+        what = f"the worker process of rank {', '.join(map(str, died))} died"
+        if len(failures) > len(died):
+            what += " (the other ranks stopped with it)"
+    elif failures:
+        what = "worker(s) failed (" + "; ".join(f"rank {rank}: {root_cause(failure)[:300]}"
+                                              for rank, failure in sorted(failures.items())) + ")"
+    else:
+        what = f"it failed ({root_cause(error)[:300]})"
+    return (f"The Ray Train run stopped because {what}. Its last checkpoint is kept: continue it with "
+            f"'crdnd-ray train --resume {output_dir}'. With scaling.max_failures > 0 Ray Train restarts the workers "
+            "from that checkpoint by itself.")
 
 
 def root_cause(error: BaseException) -> str:

@@ -244,7 +244,7 @@ def run_training(cfg: RunConfig, output_dir: Path, teacher: nn.Module | None,
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg))
     start_epoch, best_score, history = 0, -math.inf, []
     if context.resume_from is not None:
-        state = torch.load(Path(context.resume_from) / runs.STATE_FILE, map_location="cpu", weights_only=True)
+        state = runs.read_state(Path(context.resume_from), context.progress if is_main else None)
         unwrap(distiller.student).load_state_dict(state["student"])
         distiller.extras.load_state_dict(state["extras"])
         optimizer.load_state_dict(state["optimizer"])
@@ -335,13 +335,10 @@ def run_training(cfg: RunConfig, output_dir: Path, teacher: nn.Module | None,
         if last_epoch:
             row.update(_final_evaluation(cfg, output_dir, test_set, context, runners))
         if is_main:
-            checkpoint_dir = output_dir / runs.STATE_DIR
-            checkpoint_dir.mkdir(exist_ok=True)
-            temporary = checkpoint_dir / (runs.STATE_FILE + ".tmp")
-            torch.save({"student": unwrap(distiller.student).state_dict(), "extras": distiller.extras.state_dict(),
-                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "rng": _rng_state(), "epoch": epoch, "best_score": best_score}, temporary)
-            temporary.replace(checkpoint_dir / runs.STATE_FILE)
+            checkpoint_dir = runs.write_state(output_dir, {
+                "student": unwrap(distiller.student).state_dict(), "extras": distiller.extras.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+                "epoch": epoch, "best_score": best_score})
         if context.report is not None:
             context.report(row, checkpoint_dir)
     return (runs.read_final(output_dir) or {}) if is_main else {}

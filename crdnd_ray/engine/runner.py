@@ -13,7 +13,7 @@ from typing import Any, Callable
 from crdnd_ray import runs
 from crdnd_ray.config import RunConfig, flatten
 from crdnd_ray.engine.loop import LoopContext, run_training
-from crdnd_ray.engine.preflight import preflight
+from crdnd_ray.engine.preflight import check_config
 from crdnd_ray.engine.teachers import load_teacher, prepare_teacher
 from crdnd_ray.tracking.record import RunRecord
 from crdnd_ray.tracking.store import Recorder
@@ -30,7 +30,7 @@ def train_run(cfg: RunConfig, output_dir: Path, progress: Callable[[str], None] 
     run is a top-level MLflow run, finished with its status — also when it fails or is interrupted.
     """
     output_dir = Path(output_dir)
-    preflight(cfg)
+    check_config(cfg)
     teacher_path = prepare_teacher(cfg, progress)
     record = open_record(cfg, output_dir, resume) if cfg.tracking.enabled else None
     if record is not None and progress:
@@ -38,6 +38,10 @@ def train_run(cfg: RunConfig, output_dir: Path, progress: Callable[[str], None] 
                  f"({record.recorder.tracking_uri})")
     try:
         final = _execute(cfg, output_dir, teacher_path, progress, resume, record.report if record else None)
+    except KeyboardInterrupt:
+        if record is not None:
+            record.finish(interrupted=True)
+        raise KeyboardInterrupt(f"continue it with 'crdnd-ray train --resume {output_dir}'") from None
     except BaseException as error:
         if record is not None:
             record.finish(error=f"{type(error).__name__}: {error}".strip(": "))

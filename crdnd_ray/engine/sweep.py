@@ -17,7 +17,7 @@ import yaml
 from crdnd_ray import plots, tables
 from crdnd_ray.analysis import pareto_rows
 from crdnd_ray.config import ConfigError, ParameterSpec, RunConfig, SearchConfig, flatten
-from crdnd_ray.engine.preflight import preflight
+from crdnd_ray.engine.preflight import check_config
 from crdnd_ray.engine.teachers import prepare_teacher
 from crdnd_ray.engine.trials import TrialSpec, TrialsPlan, TrialsResult, plan_trials, run_trials
 
@@ -44,7 +44,15 @@ def validate_space(cfg: RunConfig) -> SearchConfig:
             raise ConfigError(f"search.space.{key} does not name a valid config value: {error}") from None
         if key.split(".")[0] not in run:
             raise ConfigError(f"search.space.{key}: '{key.split('.')[0]}' is not a config section.")
-    preflight(cfg)
+    check_config(cfg)
+    scheduler = search.scheduler
+    max_t = scheduler.max_t or cfg.train.epochs
+    if scheduler.kind == "asha" and scheduler.grace_period > max_t:
+        raise ConfigError(
+            f"search.scheduler.grace_period={scheduler.grace_period} is longer than the {max_t} epochs a trial may "
+            "run (search.scheduler.max_t, else train.epochs), so ASHA could never stop a trial. Set grace_period to "
+            f"at most {max_t}, or more train.epochs, and run the command again."
+        )
     per_epoch = [f"{name}_acc" for name in cfg.eval.epoch_attacks] + list(PER_EPOCH_EXTRA)
     final = [f"{which}_{name}_acc" for which in ("best", "last") for name in cfg.eval.final_attack_names]
     for metric in search.metrics:
@@ -95,7 +103,11 @@ def plan_sweep(cfg: RunConfig) -> TrialsPlan:
 
 
 def run_sweep(cfg: RunConfig, folder: Path, resume: bool = False, printer: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the Optuna search of ``cfg.search``; write results, ``best.yaml`` and plots into ``folder``."""
+    """Run the Optuna search of ``cfg.search``; write results, ``best.yaml`` and plots into ``folder``.
+
+    Interrupted (Ctrl-C, SIGTERM), it writes the tables of the trials recorded so far, then raises
+    KeyboardInterrupt naming the ``--resume`` command.
+    """
     from ray.tune.search.optuna import OptunaSearch
 
     search = validate_space(cfg)
@@ -122,7 +134,9 @@ def run_sweep(cfg: RunConfig, folder: Path, resume: bool = False, printer: Calla
         scheduler=scheduler, resume=resume, teacher_path=teacher_path, printer=printer,
         parent_params={f"search.{k}": v for k, v in flatten(search.model_dump(mode="json")).items()},
     )
-    return write_sweep_results(cfg, folder, result)
+    outcome = write_sweep_results(cfg, folder, result)
+    result.raise_if_interrupted()
+    return outcome
 
 
 def _optuna_sampler(search: SearchConfig) -> Any:

@@ -9,8 +9,8 @@ Status, reason and rows come from :func:`trial_status`, which applies :func:`crd
 
 from __future__ import annotations
 
-import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,15 +25,15 @@ from crdnd_ray.engine.distributed import TrainingFailed, build_trainer, init_ray
 from crdnd_ray.engine.loop import LoopContext, run_training
 from crdnd_ray.engine.resources import ResourcePlan, plan_resources
 from crdnd_ray.engine.teachers import load_teacher
+from crdnd_ray.logs import route_library_logs
 from crdnd_ray.tracking.record import RunRecord
-from crdnd_ray.tracking.store import Recorder
+from crdnd_ray.tracking.store import Recorder, TrackingUnavailable
+from crdnd_ray.tracking.sync import sync_trials
 
 __all__ = ["TERMINAL", "TrialRecorder", "TrialSpec", "TrialsPlan", "TrialsResult", "loop_report", "plan_trials", "run_trials",
            "trial_error", "trial_status"]
 
-logger = logging.getLogger(__name__)
-
-TERMINAL = ("finished", "stopped_early", "failed")
+TERMINAL = ("finished", "stopped_early", "failed", "killed")
 TUNE_KEYS = frozenset({
     "training_iteration", "time_total_s", "time_this_iter_s", "time_since_restore", "timesteps_total",
     "timesteps_since_restore", "iterations_since_restore", "episodes_total", "timestamp", "pid", "node_ip",
@@ -64,14 +64,25 @@ class TrialsResult:
     rows: list[dict[str, Any]]
     parent_run_id: str | None
     recorder: Recorder | None = None
+    interrupted: bool = False
+    folder: Path | None = None
 
     def attach(self, files: list[Path], metrics: dict[str, Any] | None = None) -> None:
-        """Upload ``files`` (result tables, plots) and ``metrics`` to the parent run (nothing when not tracking)."""
+        """Upload ``files`` (result tables, plots) and ``metrics`` to the parent run (nothing when not tracking,
+        and only a warning when the store does not answer: ``crdnd-ray sync`` sends them later)."""
         if self.recorder is None or self.parent_run_id is None:
             return
-        self.recorder.log_artifacts(self.parent_run_id, files)
-        if metrics:
-            self.recorder.log_metrics(self.parent_run_id, metrics)
+        try:
+            self.recorder.log_artifacts(self.parent_run_id, files)
+            if metrics:
+                self.recorder.log_metrics(self.parent_run_id, metrics)
+        except TrackingUnavailable:
+            pass
+
+    def raise_if_interrupted(self) -> None:
+        """After the result files are written: KeyboardInterrupt naming the ``--resume`` command, if interrupted."""
+        if self.interrupted:
+            raise KeyboardInterrupt(f"continue it with --resume {self.folder}")
 
 
 @dataclass
@@ -110,12 +121,18 @@ def trial_error(trial: Any, max_lines: int = 30) -> str:
     return summary + "\n\n" + "\n".join(lines)
 
 
-def trial_status(trial: Any) -> tuple[str, str]:
-    """``(status, reason)`` of a Tune trial by :func:`crdnd_ray.runs.run_status`; ``pending`` before it starts."""
-    if trial.status == "PENDING":
+def trial_status(trial: Any, interrupted: bool = False) -> tuple[str, str]:
+    """``(status, reason)`` of a Tune trial by :func:`crdnd_ray.runs.run_status`; ``pending`` before its first
+    report (Ray Tune also puts a trial it stopped back to PENDING, but that one has reported).
+
+    With ``interrupted`` (the sweep was stopped by the user), a trial that had not ended is ``killed``.
+    """
+    report = loop_report(trial.last_result)
+    if trial.status == "PENDING" and "epoch" not in report:
         return "pending", ""
+    ended = trial.status in ("TERMINATED", "ERROR")
     error = trial_error(trial) if trial.status == "ERROR" else None
-    return runs.run_status(loop_report(trial.last_result), ended=trial.status in ("TERMINATED", "ERROR"), error=error)
+    return runs.run_status(report, ended=ended, error=error, interrupted=interrupted and not ended)
 
 
 def _trial_function(config: dict[str, Any], base: dict[str, Any], folder: str, teacher_path: str | None,
@@ -179,8 +196,11 @@ class TrialRecorder(tune.Callback):
     def _guard(self, what: str, trial: Any, action: Callable[[], Any]) -> None:
         try:
             action()
-        except Exception:  # noqa: BLE001 - a recording problem must not fail the trials
-            logger.exception("MLflow recording of trial %s failed while %s.", getattr(trial, "trial_id", "?"), what)
+        except TrackingUnavailable:
+            pass
+        except Exception as error:  # noqa: BLE001 - a recording problem must not fail the trials
+            print(f"warning: recording trial {getattr(trial, 'trial_id', '?')} in MLflow failed while {what} "
+                  f"({type(error).__name__}: {error}); 'crdnd-ray sync' repairs it.", file=sys.stderr, flush=True)
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         """Open (or reopen) the trial's child run."""
@@ -251,12 +271,15 @@ def run_trials(cfg: RunConfig, folder: Path, *, kind: str, param_space: dict[str
                extra_callbacks: list[Any] | None = None) -> TrialsResult:
     """Run trials with Ray Tune and return one row per trial with the MLflow parent run.
 
-    Each row holds the trial's overrides, status (finished / stopped_early / failed), reason, epochs run,
-    wall time and metrics (the last report's, including the final ``best_*``/``last_*``). An interrupted run
-    (Ctrl-C) raises KeyboardInterrupt naming the ``--resume`` command after the rows are kept on disk.
+    Each row holds the trial's overrides, status (finished / stopped_early / failed, or running / pending when
+    interrupted), reason, epochs run, wall time and metrics (the last report's, including the final
+    ``best_*``/``last_*``). An interrupted run (Ctrl-C, SIGTERM) returns with ``interrupted`` set, its
+    unfinished runs killed in MLflow; the caller writes its tables, then :meth:`TrialsResult.raise_if_interrupted`.
     """
     folder = Path(folder).resolve()
+    route_library_logs(folder)
     cluster = init_ray(cfg.scaling, log_to_driver=False)
+    route_library_logs(folder)
     in_process = cfg.scaling.num_workers == 1 and cfg.scaling.in_process_single_worker
     plan = plan_resources(cfg.scaling, cluster, concurrent_trials=max_concurrent, in_process=in_process)
     _link_ray_logs(folder)
@@ -300,14 +323,31 @@ def run_trials(cfg: RunConfig, folder: Path, *, kind: str, param_space: dict[str
         raise TrainingFailed(f"Ray Tune stopped the {kind} ({root_cause(failure)}); the {len(rows)} trial(s) it "
                              f"recorded are kept in {folder}; continue with --resume {folder}") from failure
     interrupted = interrupted or len(rows) < total or any(row["status"] not in TERMINAL for row in rows)
-    if recorder is not None and parent_id is not None and not interrupted:
-        recorder.finish(parent_id, "finished")
+    if interrupted:
+        rows = _rows(tune_dir / kind, spec, interrupted=True)
+    if recorder is not None and parent_id is not None:
+        _bring_store_in_line(recorder, parent_id, folder, rows, cfg, kind, callbacks, interrupted)
     printer(f"{kind} {'interrupted' if interrupted else 'done'} in {time.perf_counter() - started:.1f} s "
             f"({len(rows)} trial(s) recorded)")
     if interrupted:
         ray.shutdown()
-        raise KeyboardInterrupt(f"continue it with --resume {folder}")
-    return TrialsResult(rows, parent_id, recorder)
+    return TrialsResult(rows, parent_id, recorder, interrupted, folder)
+
+
+def _bring_store_in_line(recorder: Recorder, parent_id: str, folder: Path, rows: list[dict[str, Any]],
+                         cfg: RunConfig, kind: str, callbacks: list[Any], interrupted: bool) -> None:
+    """End every child run as its trial ended (killed when interrupted) and the parent run; a store that does
+    not answer leaves one line naming ``crdnd-ray sync``."""
+    records = next((c.records for c in callbacks if isinstance(c, TrialRecorder)), {})
+    try:
+        sync_trials(recorder, parent_id, folder, rows, flatten(cfg.run_dict()), kind, records)
+        if interrupted:
+            recorder.finish(parent_id, "killed", f"Interrupted; continue with --resume {folder}")
+        else:
+            recorder.finish(parent_id, "finished")
+    except TrackingUnavailable:
+        print(f"the tracking store still does not answer: what it missed waits in {folder}; send it with "
+              f"'crdnd-ray sync {folder}' once it is back.", file=sys.stderr, flush=True)
 
 
 def _expected_trials(param_space: dict[str, Any], num_samples: int) -> int:
@@ -318,12 +358,12 @@ def _expected_trials(param_space: dict[str, Any], num_samples: int) -> int:
     return num_samples * cells
 
 
-def _rows(experiment_dir: Path, spec: TrialSpec) -> list[dict[str, Any]]:
+def _rows(experiment_dir: Path, spec: TrialSpec, interrupted: bool = False) -> list[dict[str, Any]]:
     """One row per trial from Tune's experiment state: name, status, reason, epochs, parameters, metrics."""
     analysis = tune.ExperimentAnalysis(str(experiment_dir))
     rows = []
     for trial in sorted(analysis.trials, key=lambda t: t.trial_id):
-        status, reason = trial_status(trial)
+        status, reason = trial_status(trial, interrupted)
         result = trial.last_result or {}
         row: dict[str, Any] = {"trial": spec.name(trial), "trial_id": trial.trial_id, "status": status,
                                "reason": reason.split("\n", 1)[0], "epochs": result.get("training_iteration", 0),
@@ -372,20 +412,11 @@ def plan_trials(cfg: RunConfig, kind: str, trials: int, max_concurrent: int,
 
 
 def _plan_warnings(cfg: RunConfig) -> list[str]:
-    """Problems a real run would hit that a dry run can see without loading anything."""
-    from crdnd_ray.data import CIFAR_FOLDERS
-
-    warnings = []
-    if not (cfg.scaling.address or os.environ.get("RAY_ADDRESS")):
-        warnings.append("no Ray cluster connected: resources were planned against this machine's CPUs"
-                        + (" and the GPUs the plan asks for" if cfg.scaling.use_gpu else ""))
-    if cfg.teacher.checkpoint and not Path(cfg.teacher.checkpoint).exists():
-        warnings.append(f"teacher.checkpoint '{cfg.teacher.checkpoint}' does not exist yet")
-    if cfg.data.name in CIFAR_FOLDERS and not cfg.data.download:
-        data_folder = Path(cfg.data.root) / CIFAR_FOLDERS[cfg.data.name]
-        if not data_folder.exists():
-            warnings.append(f"the dataset folder '{data_folder}' does not exist and data.download is false")
-    return warnings
+    """What a dry run cannot know about the cluster it plans for."""
+    if cfg.scaling.address or os.environ.get("RAY_ADDRESS"):
+        return []
+    return ["no Ray cluster connected: resources were planned against this machine's CPUs"
+            + (" and the GPUs the plan asks for" if cfg.scaling.use_gpu else "")]
 
 
 def _cluster_for_planning(cfg: RunConfig, max_concurrent: int) -> dict[str, float]:

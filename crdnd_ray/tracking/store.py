@@ -23,6 +23,7 @@ import math
 import os
 import platform
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -36,7 +37,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_TRACKING_URI",
+    "OUTAGE_COOLDOWN_S",
     "Recorder",
+    "TrackingUnavailable",
+    "check_store",
     "common_tags",
     "default_artifact_location",
     "download_artifact",
@@ -49,10 +53,24 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+for _name, _value in (("MLFLOW_HTTP_REQUEST_TIMEOUT", "10"), ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"),
+                      ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")):
+    os.environ.setdefault(_name, _value)
+
+OUTAGE_COOLDOWN_S = 30.0
+"""After a store stopped answering, calls fail at once for this long before one is tried again."""
+
+_down_until: dict[str, float] = {}
+"""Tracking URIs that stopped answering, and until when calls to them fail at once."""
+
+
+class TrackingUnavailable(Exception):
+    """The tracking store does not answer; the message names it and says how to fix or continue."""
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 """The embedded default store: a SQLite file in the working directory."""
 
-_MLFLOW_STATUS = {"finished": "FINISHED", "stopped_early": "FINISHED", "failed": "FAILED"}
+_MLFLOW_STATUS = {"finished": "FINISHED", "stopped_early": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
 _BATCH_PARAMS_TAGS = 100
 _BATCH_METRICS = 1000
 _PARAM_VALUE_LIMIT = 6000
@@ -217,7 +235,7 @@ def _folder_lock(folder: Path | None) -> Iterator[None]:
         os.close(descriptor)
 
 
-def _check_server(uri: str, timeout_s: float = 10.0) -> None:
+def _check_server(uri: str, timeout_s: float = 5.0) -> None:
     """Fail fast, with a clear message, when an ``http(s)`` tracking server does not answer ``/health``."""
     from urllib.parse import urlparse
 
@@ -230,11 +248,42 @@ def _check_server(uri: str, timeout_s: float = 10.0) -> None:
             problem = f"HTTP {answer.status}"
     except (urllib.error.URLError, OSError) as error:
         problem = str(getattr(error, "reason", error))
-    raise ConnectionError(
+    raise TrackingUnavailable(
         f"The MLflow tracking server at {uri} does not answer ({problem}). Start it (for example "
-        "'mlflow server --backend-store-uri postgresql://... --host 0.0.0.0 --port 5000') or set "
-        "tracking.uri to 'sqlite:///mlflow.db' to record into a local file."
+        "'crdnd-ray server FOLDER' or 'mlflow server --backend-store-uri postgresql://... --port 5000'), or set "
+        "tracking.uri to 'sqlite:///mlflow.db' to record into a local file, or tracking.enabled: false."
     )
+
+
+def check_store(tracking: TrackingConfig) -> None:
+    """Refuse (TrackingUnavailable) a tracking store that cannot be reached or written, before any work."""
+    uri = normalize_tracking_uri(tracking.uri)
+    if is_server(uri):
+        _check_server(uri)
+        return
+    db = sqlite_path(uri)
+    if db is None:
+        return
+    existing = db if db.exists() else db.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK):
+        raise TrackingUnavailable(
+            f"The tracking store {uri} cannot be written ('{existing}' is not writable). Point tracking.uri at a "
+            "writable place (e.g. --set tracking.uri=sqlite:///mlflow.db in a folder of yours), or set "
+            "tracking.enabled: false."
+        )
+
+
+def _is_outage(error: BaseException) -> bool:
+    """Whether ``error`` means the store is unreachable (rather than a bad request)."""
+    text = f"{type(error).__name__}: {error}".lower()
+    return any(word in text for word in ("connection", "max retries", "timed out", "timeout",
+                                         "unable to open database", "temporarily unavailable", "name or service"))
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 class Recorder:
@@ -259,15 +308,41 @@ class Recorder:
         with _folder_lock(db.parent if db is not None else None):
             self.client: MlflowClient = MlflowClient(tracking_uri=self.tracking_uri)
             self.experiment_id: str = self._get_or_create_experiment(configured)
-        experiment_obj = retry(lambda: self.client.get_experiment(self.experiment_id))
+        experiment_obj = self.call(lambda: self.client.get_experiment(self.experiment_id))
         self.artifact_location: str = experiment_obj.artifact_location
+
+    def call(self, action: Callable[[], Any]) -> Any:
+        """Run one MLflow call; raise TrackingUnavailable at once while the store is known to be down.
+
+        A call that finds the store unreachable starts an outage: one warning line, then every call fails
+        at once for :data:`OUTAGE_COOLDOWN_S` seconds, so training never waits on the store. The first call
+        that succeeds afterwards ends it (one line). Records missed meanwhile stay in the run folders.
+        """
+        uri = self.tracking_uri
+        if time.monotonic() < _down_until.get(uri, 0.0):
+            raise TrackingUnavailable(f"The tracking store {uri} is not answering (retried every "
+                                      f"{OUTAGE_COOLDOWN_S:.0f} s).")
+        try:
+            result = retry(action)
+        except Exception as error:  # noqa: BLE001 - MLflow wraps network errors in several types
+            if not _is_outage(error):
+                raise
+            if uri not in _down_until:
+                _say(f"warning: the tracking store {uri} does not answer ({type(error).__name__}); training goes on, "
+                     "its records stay in the run folders and are sent when it is back (or with "
+                     "'crdnd-ray sync FOLDER').")
+            _down_until[uri] = time.monotonic() + OUTAGE_COOLDOWN_S
+            raise TrackingUnavailable(f"The tracking store {uri} does not answer: {error}") from None
+        if _down_until.pop(uri, None) is not None:
+            _say(f"the tracking store {uri} answers again; the missed records are being sent.")
+        return result
 
     def _get_or_create_experiment(self, configured: str | None) -> str:
         from mlflow.exceptions import MlflowException
 
         name = self.experiment_name
         for _ in range(_RETRIES):
-            existing = retry(lambda: self.client.get_experiment_by_name(name))
+            existing = self.call(lambda: self.client.get_experiment_by_name(name))
             if existing is not None:
                 if existing.lifecycle_stage != "active":
                     raise ValueError(
@@ -278,7 +353,7 @@ class Recorder:
                 return existing.experiment_id
             location = default_artifact_location(self.tracking_uri, name, configured)
             try:
-                return retry(lambda: self.client.create_experiment(name, artifact_location=location))
+                return self.call(lambda: self.client.create_experiment(name, artifact_location=location))
             except MlflowException as error:
                 text = str(error).lower()
                 if "already exists" not in text and "unique constraint" not in text:
@@ -305,7 +380,7 @@ class Recorder:
         all_tags = {**self.common_tags(), **{str(k): v for k, v in tags.items() if v is not None},
                     "status": "running"}
         all_tags = {key: _stringify(value, _TAG_VALUE_LIMIT) for key, value in all_tags.items()}
-        run = retry(lambda: self.client.create_run(self.experiment_id, tags=all_tags, run_name=name))
+        run = self.call(lambda: self.client.create_run(self.experiment_id, tags=all_tags, run_name=name))
         return run.info.run_id
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
@@ -314,7 +389,7 @@ class Recorder:
 
         entries = [Param(str(key), _stringify(value, _PARAM_VALUE_LIMIT)) for key, value in params.items()]
         for chunk in _chunks(entries, _BATCH_PARAMS_TAGS):
-            retry(lambda chunk=chunk: self.client.log_batch(run_id, params=chunk))
+            self.call(lambda chunk=chunk: self.client.log_batch(run_id, params=chunk))
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         """Set several tags at once (values stringified and truncated)."""
@@ -322,7 +397,7 @@ class Recorder:
 
         entries = [RunTag(str(k), _stringify(v, _TAG_VALUE_LIMIT)) for k, v in tags.items() if v is not None]
         for chunk in _chunks(entries, _BATCH_PARAMS_TAGS):
-            retry(lambda chunk=chunk: self.client.log_batch(run_id, tags=chunk))
+            self.call(lambda chunk=chunk: self.client.log_batch(run_id, tags=chunk))
 
     def start_parent(self, kind: str, name: str, params: dict[str, Any], tags: dict[str, Any]) -> str:
         """Create the parent run of a ``sweep`` or ``ablation`` (tag ``run_kind``) and return its id."""
@@ -352,7 +427,7 @@ class Recorder:
         stamp = int(time.time() * 1000)
         entries = [Metric(key, value, stamp, int(step)) for key, value in _numeric(metrics).items()]
         for chunk in _chunks(entries, _BATCH_METRICS):
-            retry(lambda chunk=chunk: self.client.log_batch(run_id, metrics=chunk))
+            self.call(lambda chunk=chunk: self.client.log_batch(run_id, metrics=chunk))
 
     def log_metrics(self, run_id: str, metrics: dict[str, Any]) -> None:
         """Log final metrics (step 0); non-numeric and non-finite values are skipped."""
@@ -363,10 +438,10 @@ class Recorder:
         if status not in _MLFLOW_STATUS:
             raise ValueError(f"The run status '{status}' is not one of {', '.join(_MLFLOW_STATUS)}.")
         reason = reason or None
-        if reason is None and "status_reason" in retry(lambda: self.client.get_run(run_id)).data.tags:
-            retry(lambda: self.client.delete_tag(run_id, "status_reason"))
+        if reason is None and "status_reason" in self.call(lambda: self.client.get_run(run_id)).data.tags:
+            self.call(lambda: self.client.delete_tag(run_id, "status_reason"))
         self.set_tags(run_id, {"status": status, "status_reason": reason})
-        retry(lambda: self.client.set_terminated(run_id, status=_MLFLOW_STATUS[status]))
+        self.call(lambda: self.client.set_terminated(run_id, status=_MLFLOW_STATUS[status]))
 
     def log_artifacts(self, run_id: str, paths: Iterable[Path | str], artifact_path: str | None = None) -> list[str]:
         """Upload files (or folders); missing paths are skipped. Returns the names uploaded."""
@@ -374,10 +449,10 @@ class Recorder:
         for item in paths:
             path = Path(item)
             if path.is_file():
-                retry(lambda path=path: self.client.log_artifact(run_id, str(path), artifact_path))
+                self.call(lambda path=path: self.client.log_artifact(run_id, str(path), artifact_path))
             elif path.is_dir():
                 target = f"{artifact_path}/{path.name}" if artifact_path else path.name
-                retry(lambda path=path, target=target: self.client.log_artifacts(run_id, str(path), target))
+                self.call(lambda path=path, target=target: self.client.log_artifacts(run_id, str(path), target))
             else:
                 continue
             logged.append(path.name)
@@ -386,7 +461,7 @@ class Recorder:
     def find_child(self, parent_run_id: str, trial_id: str) -> str | None:
         """The id of an existing child run of ``parent_run_id`` tagged with ``trial_id``, if any."""
         query = f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.trial_id = '{trial_id}'"
-        runs = retry(lambda: self.client.search_runs([self.experiment_id], filter_string=query, max_results=1))
+        runs = self.call(lambda: self.client.search_runs([self.experiment_id], filter_string=query, max_results=1))
         return runs[0].info.run_id if runs else None
 
 

@@ -243,3 +243,19 @@ def test_a_two_worker_cli_run_writes_nothing_outside_its_output_folder(digits_te
     assert sorted(os.listdir(home)) == []
     assert sorted(os.listdir(work)) == ["out"]
     assert (work / "out" / "final_metrics.json").exists() and (work / "out" / "ray_train").is_dir()
+
+
+@pytest.mark.slow
+def test_a_dead_worker_without_retries_is_named_with_the_resume_command(ray_session, digits_teacher: Path,
+                                                                        tmp_path: Path):
+    from crdnd_ray.engine.distributed import TrainingFailed
+
+    cfg = small_config(**{"teacher.checkpoint": str(digits_teacher), "train.epochs": 3, "scaling.num_workers": 2,
+                          "scaling.max_failures": 0})
+    with pytest.raises(TrainingFailed) as caught:
+        run_distributed(cfg, tmp_path / "run", digits_teacher, extra_config={"kill_rank_at_epoch": [1, 1]})
+    message = str(caught.value)
+    print(f"\n{message}")
+    assert "the worker process of rank 1 died" in message and f"crdnd-ray train --resume {tmp_path / 'run'}" in message
+    assert "scaling.max_failures" in message and "OOM" not in message
+    assert [row["epoch"] for row in runs.read_metrics(tmp_path / "run")] == [0], "the checkpointed epoch is kept"

@@ -108,3 +108,23 @@ def test_a_training_set_smaller_than_one_batch_is_refused(tmp_path):
     cfg = small_config(**QUICK, **{"method.name": "natural", "data.train_limit": 40, "data.batch_size": 64})
     with pytest.raises(ValueError, match="fewer than one batch of 64.*Lower data.batch_size"):
         run_training(cfg, tmp_path / "run", None, LoopContext())
+
+
+def test_resume_falls_back_to_the_previous_state_when_the_newest_is_torn(digits_teacher: Path, tmp_path: Path):
+    cfg = small_config(**{"teacher.checkpoint": str(digits_teacher), "train.epochs": 3})
+    folder = tmp_path / "run"
+    runs.write_config(folder, cfg)
+    run_training(cfg, folder, load_teacher(cfg, digits_teacher), LoopContext())
+    state = folder / runs.STATE_DIR / runs.STATE_FILE
+    state.write_bytes(state.read_bytes()[:100])
+    result = CliRunner().invoke(app, ["train", "--resume", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert "is unreadable (" in result.output and "resuming from the previous state instead (epoch 1)" in result.output
+    assert [row["epoch"] for row in runs.read_metrics(folder)] == [0, 1, 2]
+    assert runs.read_final(folder)["best_epoch"] in (0, 1, 2)
+
+    for torn in (state, folder / runs.PREVIOUS_STATE_FILE):
+        torn.write_bytes(b"torn")
+    result = CliRunner().invoke(app, ["train", "--resume", str(folder)])
+    assert result.exit_code == 2 and "No training state to resume from" in result.output
+    assert "Traceback" not in result.output

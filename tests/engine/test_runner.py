@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 
 import pytest
 from typer.testing import CliRunner
 
-from conftest import REPO, small_config
+from conftest import CLI, REPO, loss_steps, small_config, start_cli, wait_until
 from crdnd_ray.cli import app
 from crdnd_ray.engine.runner import train_run
 
@@ -79,7 +82,7 @@ def test_train_records_while_it_trains_and_resume_continues_the_same_mlflow_run(
     assert seen == [0, 1], "each epoch reaches MLflow while the run trains, before the next one"
     client = MlflowClient(uri)
     run_id = runs.read_run_info(folder)["mlflow_run_id"]
-    assert client.get_run(run_id).data.tags["status"] == "failed"
+    assert client.get_run(run_id).data.tags["status"] == "killed"
 
     result = CliRunner().invoke(app, ["train", "--resume", str(folder)])
     assert result.exit_code == 0, result.output
@@ -89,3 +92,32 @@ def test_train_records_while_it_trains_and_resume_continues_the_same_mlflow_run(
     assert run.info.status == "FINISHED" and run.data.tags["status"] == "finished"
     assert sorted(p.step for p in client.get_metric_history(run_id, "pgd20_acc")) == [0, 1, 2, 3]
     assert run.data.metrics["best_pgd20_acc"] == runs.read_final(folder)["best_pgd20_acc"]
+
+
+def test_sigterm_ends_a_training_run_as_killed_and_resume_finishes_the_same_mlflow_run(tmp_path, digits_teacher):
+    from mlflow import MlflowClient
+
+    from crdnd_ray import runs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    folder = tmp_path / "run"
+    args = ["train", str(REPO / "search_spaces" / "digits.yaml"), "--output", str(folder),
+            "--set", f"tracking.uri={uri}", "--set", f"teacher.checkpoint={digits_teacher}", "--set", "train.epochs=6",
+            "--set", "eval.epoch_limit=32", "--set", "eval.final_limit=32", "--set", "attack.steps=2"]
+    process = start_cli(args, tmp_path, tmp_path / "log")
+    wait_until(lambda: len(runs.read_metrics(folder)) >= 2, 180, "two epochs")
+    os.kill(process.pid, signal.SIGTERM)
+    assert process.wait(60) == 130
+    output = (tmp_path / "log").read_text()
+    assert f"crdnd-ray train --resume {folder}" in " ".join(output.split()) and "Traceback" not in output
+    run_id = runs.read_run_info(folder)["mlflow_run_id"]
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.info.status == "KILLED" and run.data.tags["status"] == "killed"
+    assert "--resume" in run.data.tags["status_reason"]
+
+    resumed = subprocess.run([*CLI, "train", "--resume", str(folder)], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["status"] == "finished"
+    assert loss_steps(uri, run) == list(range(6))

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +14,8 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from conftest import REPO, interrupt_then_resume, small_config
+from conftest import (CLI, REPO, epochs_done, interrupt_then_resume, loss_steps, mlflow_runs, small_config,
+                      start_cli, wait_until)
 from crdnd_ray.cli import app
 from crdnd_ray.config import ConfigError, load_config
 from crdnd_ray.engine.sweep import plan_sweep, run_sweep, validate_space
@@ -169,3 +173,83 @@ def test_dry_run_plans_fractional_cpus_that_fit_this_machine():
     assert f"each worker {{'CPU': {share}}}" in plan.resources
     assert plan.concurrent == min(cfg.search.max_concurrent, int(cpus // (share + 0.01)))
     assert 0 < share < 1 or cpus > cfg.search.max_concurrent
+
+
+def _fault_sweep_args(teacher: Path, samples: int = 3) -> list[str]:
+    return ["sweep", str(REPO / "search_spaces" / "digits.yaml"), "--set", "tracking.uri=sqlite:///mlflow.db",
+            "--set", f"teacher.checkpoint={teacher}", "--set", "train.epochs=6", "--set", "eval.epoch_limit=32",
+            "--set", "eval.final_limit=32", "--set", "attack.steps=2", "--set", f"search.num_samples={samples}",
+            "--set", "search.max_concurrent=1", "--set", "search.scheduler.kind=none",
+            "--set", "eval.final_attacks=[clean]"]
+
+
+def _one_finished_and_one_running(folder: Path) -> bool:
+    done = {path.parent.name for path in folder.glob("trials/*/final_metrics.json")}
+    return bool(done) and any(count >= 1 and trial not in done for trial, count in epochs_done(folder).items())
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM to the driver", "Ctrl-C (SIGINT to the process group)"])
+def test_a_signal_ends_a_sweep_in_seconds_with_its_tables_and_the_unfinished_run_killed(tmp_path, digits_teacher, stop):
+    folder, uri = tmp_path / "sweep", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    process = start_cli([*_fault_sweep_args(digits_teacher), "--output", str(folder)], tmp_path, tmp_path / "log")
+    wait_until(lambda: _one_finished_and_one_running(folder), 240, "a finished trial and a running one")
+    signalled = time.perf_counter()
+    if stop.startswith("SIGTERM"):
+        os.kill(process.pid, signal.SIGTERM)
+    else:
+        os.killpg(process.pid, signal.SIGINT)
+    assert process.wait(120) == 130
+    ended_in = time.perf_counter() - signalled
+    output = (tmp_path / "log").read_text()
+    assert ended_in < 45, f"took {ended_in:.0f} s to stop"
+    assert f"--resume {folder}" in output and "Traceback" not in output
+    table = pd.read_csv(folder / "results.csv")
+    assert "killed" in set(table["status"]) and "finished" in set(table["status"])
+    parent, children = mlflow_runs(uri, folder)
+    assert parent.info.status == "KILLED" and parent.data.tags["status"] == "killed"
+    killed = [c for c in children.values() if c.data.tags["status"] == "killed"]
+    assert killed and all(c.info.status == "KILLED" and "--resume" in c.data.tags["status_reason"] for c in killed)
+    assert not [c for c in children.values() if c.info.status == "RUNNING"]
+
+    resumed = subprocess.run([*CLI, *_fault_sweep_args(digits_teacher), "--resume", str(folder)], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    parent, children = mlflow_runs(uri, folder)
+    assert parent.info.status == "FINISHED" and len(children) == 3
+    for child in children.values():
+        assert child.info.status == "FINISHED" and child.data.tags["status"] == "finished"
+        assert loss_steps(uri, child) == list(range(6)), "every epoch once, none twice"
+
+
+def test_a_sigkilled_sweep_is_repaired_by_resume(tmp_path, digits_teacher):
+    folder, uri = tmp_path / "sweep", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    process = start_cli([*_fault_sweep_args(digits_teacher), "--output", str(folder)], tmp_path, tmp_path / "log")
+    wait_until(lambda: _one_finished_and_one_running(folder), 240, "a finished trial and a running one")
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(30)
+    parent, children = mlflow_runs(uri, folder)
+    assert parent.info.status == "RUNNING" and any(c.info.status == "RUNNING" for c in children.values())
+
+    resumed = subprocess.run([*CLI, *_fault_sweep_args(digits_teacher), "--resume", str(folder)], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    parent, children = mlflow_runs(uri, folder)
+    assert parent.info.status == "FINISHED"
+    assert not [c for c in children.values() if c.info.status == "RUNNING"], "no run is left RUNNING"
+    table = pd.read_csv(folder / "results.csv")
+    assert (table["status"] == "finished").sum() == 3
+    for child in children.values():
+        assert child.data.tags["status"] in ("finished", "killed")
+        steps = loss_steps(uri, child)
+        assert steps == sorted(set(steps)), "no epoch logged twice"
+
+
+def test_a_sweep_whose_every_trial_fails_exits_1_with_the_reasons(tmp_path, digits_teacher):
+    done = subprocess.run([*CLI, *_fault_sweep_args(digits_teacher, samples=2), "--output", str(tmp_path / "sweep"),
+                           "--set", "train.epochs=1", "--set", "train.lr=1e30"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=400)
+    assert done.returncode == 1, done.stdout + done.stderr
+    message = " ".join(done.stderr.split())
+    assert "no trial of the sweep finished (2 of 2 failed" in message and "NaN" in message
+    assert "Traceback" not in done.stderr
+    assert len(pd.read_csv(tmp_path / "sweep" / "results.csv")) == 2

@@ -18,13 +18,14 @@ from conftest import RUN_EPOCHS, free_port, write_run_folder  # noqa: E402
 from crdnd_ray import runs  # noqa: E402
 from crdnd_ray.config import TrackingConfig, flatten  # noqa: E402
 from crdnd_ray.tracking.record import RunRecord  # noqa: E402
-from crdnd_ray.tracking.store import Recorder, default_artifact_location, normalize_tracking_uri  # noqa: E402
+from crdnd_ray.tracking.store import (Recorder, TrackingUnavailable, default_artifact_location,  # noqa: E402
+                                      normalize_tracking_uri)
 
 RUN_FILES = {"config.yaml", "best.pt", "final_metrics.json", "metrics.jsonl", "learning_curve.png"}
 
 
 def test_unreachable_server_is_a_clear_error() -> None:
-    with pytest.raises(ConnectionError, match="does not answer.*sqlite:///mlflow.db"):
+    with pytest.raises(TrackingUnavailable, match="does not answer.*sqlite:///mlflow.db"):
         Recorder(TrackingConfig(uri=f"http://127.0.0.1:{free_port()}"), "nowhere")
 
 
