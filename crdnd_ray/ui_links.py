@@ -20,6 +20,11 @@ checked in headless Chromium by ``tests/test_ui_browser.py``):
 - A saved view cannot expand nested runs (``runsExpanded`` is excluded from shared state), and sorting by
   anything but the start time turns nesting off: a view sorted by a metric shows the sweep's trials as a
   flat ranked list (filtered to the parent's children with :func:`children_filter`).
+- Run status: the table marks FINISHED with a green check and FAILED *and* KILLED with the same red cross;
+  the run page says "Finished", "Failed" or "Killed". :data:`MLFLOW_STATUS` maps a trial's outcome so that a
+  scheduler-stopped trial is no longer a green "Finished"; the ``status`` tag column (in :func:`sweep_view`)
+  tells stopped from failed, and the run tag ``mlflow.runColor`` (:func:`run_color_tags`), which the UI
+  reads as the run's colour in the table and the charts, greys stopped trials out.
 - The chart view's parallel-coordinates plot is coloured by the *last* metric of the chart's
   ``selectedMetrics``; the legacy compare page (:func:`compare_url`) colours by the first metric that every
   compared run logged (in logging order) and has no parameter to choose it.
@@ -34,13 +39,17 @@ from typing import Iterable, Literal, Sequence
 from urllib.parse import quote, urlencode
 
 __all__ = [
+    "MLFLOW_STATUS",
+    "RUN_COLOR_TAG",
     "SAVED_VIEW_TAG_PREFIX",
+    "STOPPED_EARLY_COLOR",
     "SavedView",
     "children_filter",
     "column_id",
     "compare_url",
     "experiment_url",
     "parallel_coordinates_chart",
+    "run_color_tags",
     "run_url",
     "runs_url",
     "runs_view_state",
@@ -50,6 +59,17 @@ __all__ = [
 
 SAVED_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 """Experiment-tag prefix of the UI's saved views (one tag per view, the suffix is the view's key)."""
+
+RUN_COLOR_TAG = "mlflow.runColor"
+"""Run tag the UI reads as the run's colour (CSS colour) in the runs table and the charts; its colour picker
+writes the same tag."""
+
+STOPPED_EARLY_COLOR = "#b0b0b0"
+"""Grey: the colour :func:`run_color_tags` gives a trial the scheduler stopped early."""
+
+MLFLOW_STATUS = {"finished": "FINISHED", "stopped_early": "KILLED", "failed": "FAILED"}
+"""MLflow run status (``MlflowClient.set_terminated``) per trial outcome: KILLED shows a red cross in the runs
+table (the one FAILED also gets) and "Killed" on the run page, where FINISHED would show a green "Finished"."""
 
 ColumnKind = Literal["attributes", "params", "metrics", "tags"]
 ViewMode = Literal["TABLE", "CHART", "ARTIFACT"]
@@ -129,6 +149,12 @@ def runs_url(server: str, experiment_id: str, *, view_key: str | None = None, se
         params["compareRunsMode"] = mode
     params.update(_WORKFLOW)
     return f"{_base(server)}/#/experiments/{quote(str(experiment_id), safe='')}/runs?{_query(params)}"
+
+
+def run_color_tags(status: str) -> dict[str, str]:
+    """Run tags that colour a trial by outcome: grey (:data:`STOPPED_EARLY_COLOR`) when stopped early, none
+    otherwise (the UI then picks the run's colour from its id)."""
+    return {RUN_COLOR_TAG: STOPPED_EARLY_COLOR} if status == "stopped_early" else {}
 
 
 def run_url(server: str, experiment_id: str, run_id: str) -> str:

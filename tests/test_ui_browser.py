@@ -1,8 +1,8 @@
 """The MLflow UI links of crdnd_ray.ui_links, opened in a real (headless) browser against a real server.
 
 A small store gets a sweep (parent tagged run_kind=sweep, four nested trials, one stopped early by the
-scheduler: MLflow status KILLED and tag status=stopped_early) and the sweep's saved view; ``mlflow server``
-serves it and Chromium loads the links. Skipped without Debian's chromium.
+scheduler: MLflow status KILLED, tag status=stopped_early, grey run colour) and the sweep's saved view;
+``mlflow server`` serves it and Chromium loads the links. Skipped without Debian's chromium.
 """
 
 from __future__ import annotations
@@ -53,7 +53,9 @@ def _fill_store(uri: str) -> tuple[str, str]:
             client.set_terminated(run, "FINISHED")
         else:
             client.set_tag(run, "status", "stopped_early")
-            client.set_terminated(run, "KILLED")
+            for key, value in ui_links.run_color_tags("stopped_early").items():
+                client.set_tag(run, key, value)
+            client.set_terminated(run, ui_links.MLFLOW_STATUS["stopped_early"])
     client.set_tag(parent, "status", "finished")
     client.set_terminated(parent, "FINISHED")
     view = ui_links.sweep_view(parent, PARAMS, "pgd20_acc", created_ms=stamp)
@@ -118,6 +120,7 @@ def test_sweep_view_link_shows_ranked_trials_with_param_and_metric_columns(ui_se
                    "params.`train.lr`", "tags.`status`"):
         assert column in page.column_headers, f"{column} is not a visible column: {page.column_headers}"
     assert "stopped_early" in page.text
+    assert "rgb(176, 176, 176)" in page.dom  # the stopped trial's dot is grey (mlflow.runColor #b0b0b0)
     ranked = sorted(TRIALS, key=lambda n: -max(TRIALS[n][2]) if TRIALS[n][3] else 1.0)
     positions = [page.text.index(name) for name in ranked]
     assert positions == sorted(positions), f"trials not ranked by best_pgd20_acc: {ranked}"

@@ -73,3 +73,9 @@ def test_compare_url_and_bad_input() -> None:
         ui_links.experiment_url("127.0.0.1:5000", "1")
     with pytest.raises(ValueError):
         ui_links.column_id("metric", "x")  # type: ignore[arg-type]
+
+
+def test_status_mapping_and_colour_tags() -> None:
+    assert ui_links.MLFLOW_STATUS == {"finished": "FINISHED", "stopped_early": "KILLED", "failed": "FAILED"}
+    assert ui_links.run_color_tags("stopped_early") == {"mlflow.runColor": ui_links.STOPPED_EARLY_COLOR}
+    assert ui_links.run_color_tags("finished") == {} == ui_links.run_color_tags("failed")
