@@ -16,7 +16,8 @@ from rich.table import Table
 
 from crdnd_ray import runs
 from crdnd_ray.config import ConfigError, RunConfig, load_config
-from crdnd_ray.logs import route_library_logs
+from crdnd_ray.logs import LOG_FILE, route_library_logs
+from crdnd_ray.progress import ProgressView, duration
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Search hyperparameters and reproduce ablations of CRDND robustness distillation.")
@@ -68,16 +69,6 @@ def handle_errors(command: Callable) -> Callable:
             raise typer.Exit(130) from None
 
     return wrapper
-
-
-def progress_printer(prefix: str = "") -> Callable[[str], None]:
-    """A progress callback that prints timestamped lines to stderr."""
-    started = time.perf_counter()
-
-    def show(message: str) -> None:
-        console.print(f"[dim]{time.perf_counter() - started:7.1f}s[/] {prefix}{message}", highlight=False)
-
-    return show
 
 
 def load(config: Optional[Path], overrides: list[str]) -> RunConfig:
@@ -146,7 +137,7 @@ def teacher(
     cfg = load(config, set_)
     folder = prepare_folder(cfg, output, kind="teacher")
     started = time.perf_counter()
-    path = train_teacher(cfg, folder, progress_printer("teacher "))
+    path = train_teacher(cfg, folder, ProgressView(console, "teacher "))
     final = runs.read_final(folder) or {}
     print_metrics_table(f"teacher ({time.perf_counter() - started:.1f} s)", _by_checkpoint(final))
     stdout.print(f"teacher checkpoint: {path}\nuse it with --set teacher.checkpoint={path}")
@@ -174,7 +165,7 @@ def train(
         cfg = cfg.with_overrides({"scaling.num_workers": workers}, source="--workers")
     folder = prepare_folder(cfg, output, resume)
     started = time.perf_counter()
-    final = train_run(cfg, folder, progress=progress_printer(), resume=resume is not None)
+    final = train_run(cfg, folder, progress=ProgressView(console), resume=resume is not None)
     print_metrics_table(f"{cfg.method.name} ({time.perf_counter() - started:.1f} s)", _by_checkpoint(final))
     stdout.print(f"results in {folder}")
 
@@ -251,24 +242,16 @@ def _check_outcome(kind: str, rows: list[dict[str, Any]], folder: Path) -> None:
                       highlight=False, soft_wrap=True)
 
 
-def _print_rows(title: str, rows: list[dict[str, Any]], metrics: list[str]) -> None:
-    table = Table(title=title)
-    params = sorted({key for row in rows for key in row if key.startswith("param.")})
-    for column in ["trial", "status", "epochs", *[p.removeprefix("param.").split(".", 1)[-1] for p in params],
-                   *metrics, "wall_time_s"]:
-        table.add_column(column, justify="left" if column in ("trial", "status") else "right", overflow="fold")
-    for row in rows:
-        cells = [row["trial"].removeprefix("trial-")[:8], row["status"], str(row["epochs"])]
-        cells += [_cell(row.get(p)) for p in params]
-        cells += [_cell(row.get(m)) for m in metrics] + [_cell(row.get("wall_time_s"))]
-        table.add_row(*cells)
-    stdout.print(table)
+def _print_trials(title: str, rows: list[dict[str, Any]], metric: str, mode: str) -> None:
+    """The trials of a sweep as ``crdnd-ray report`` shows runs: ranked by ``metric``, the best marked."""
+    import pandas as pd
 
+    from crdnd_ray.report.compare import terminal_table
 
-def _cell(value: Any) -> str:
-    if value is None or (isinstance(value, float) and value != value):
-        return "-"
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    frame = pd.DataFrame(rows).rename(columns={"trial": "run_name"})
+    frame = frame.rename(columns={c: c.removeprefix("param.") for c in frame.columns if c.startswith("param.")})
+    frame.attrs["sampled"] = [c.removeprefix("param.") for c in rows[0] if c.startswith("param.")] if rows else []
+    stdout.print(terminal_table(frame, metric, mode, title), highlight=False, markup=False, end="")
 
 
 @app.command()
@@ -290,22 +273,23 @@ def sweep(
         return
     folder = prepare_folder(cfg, output, resume, "sweep")
     started = time.perf_counter()
-    outcome = run_sweep(cfg, folder, resume=resume is not None, printer=progress_printer())
+    with ProgressView(console) as view:
+        outcome = run_sweep(cfg, folder, resume=resume is not None, printer=view)
     _check_outcome("sweep", outcome["rows"], folder)
     assert cfg.search is not None
-    metrics = cfg.search.metrics + [m for m in ("best_clean_acc", "best_pgd20_acc") if m not in cfg.search.metrics]
-    _print_rows(f"sweep of {len(outcome['rows'])} trials ({time.perf_counter() - started:.1f} s)", outcome["rows"], metrics)
+    metric, mode = cfg.search.metrics[0], cfg.search.modes[0]
+    _print_trials(f"sweep of {len(outcome['rows'])} trials in {duration(time.perf_counter() - started)}",
+                  outcome["rows"], metric, mode)
     if outcome["best"]:
         best = outcome["best"]
-        stdout.print(f"best trial {best['trial']}: " + ", ".join(f"{m}={best[m]:.2f}" for m in metrics if m in best))
-        stdout.print(f"best config: {folder / 'best.yaml'}  (crdnd-ray train {folder / 'best.yaml'})")
-        stdout.print((folder / "best.yaml").read_text())
+        stdout.print(f"best trial {best['trial']} ({metric} {best[metric]:.2f}); its config: {folder / 'best.yaml'} "
+                     f"(crdnd-ray train {folder / 'best.yaml'})", highlight=False)
     if outcome["pareto"]:
-        stdout.print(f"Pareto front ({len(outcome['pareto'])} trials): {folder / 'pareto.csv'}")
-    stdout.print(f"results: {folder / 'results.csv'}, {folder / 'results.parquet'}")
+        stdout.print(f"Pareto front ({len(outcome['pareto'])} trials): {folder / 'pareto.csv'}", highlight=False)
+    stdout.print(f"results: {folder / 'results.csv'}; log: {folder / LOG_FILE}", highlight=False)
     if outcome["parent_run_id"]:
-        stdout.print(f"MLflow: experiment '{cfg.experiment.name}', parent run {outcome['parent_run_id']} "
-                     f"({cfg.tracking.uri}); open it with 'crdnd-ray ui'")
+        stdout.print(f"MLflow: experiment '{cfg.experiment.name}', sweep run {outcome['parent_run_id']}; "
+                     "open it with 'crdnd-ray ui'", highlight=False)
 
 
 @app.command()
@@ -322,9 +306,10 @@ def ablate(
     cfg = resumed_config(resume, set_, "ablation") if resume is not None else load(config, set_)
     folder = prepare_folder(cfg, output, resume, "ablation")
     started = time.perf_counter()
-    outcome = run_ablation(cfg, folder, resume=resume is not None, printer=progress_printer())
+    with ProgressView(console) as view:
+        outcome = run_ablation(cfg, folder, resume=resume is not None, printer=view)
     _check_outcome("ablation", outcome["rows"], folder)
-    stdout.print(f"ablation of {len(outcome['rows'])} runs in {time.perf_counter() - started:.1f} s\n")
+    stdout.print(f"ablation of {len(outcome['rows'])} runs in {duration(time.perf_counter() - started)}\n")
     stdout.print(outcome["markdown"], highlight=False, markup=False)
     stdout.print("files: " + ", ".join(str(path) for path in outcome["files"]))
     if outcome["parent_run_id"]:
@@ -359,6 +344,7 @@ def report(
     fmt: str = typer.Option("table", "--format", help="table, md, csv or parquet."),
     output: Optional[Path] = typer.Option(None, "--output", help="Write the table (and plots beside it) here."),
     tracking_uri: str = typer.Option("sqlite:///mlflow.db", "--tracking-uri", help="MLflow tracking URI."),
+    wide: bool = typer.Option(False, "--wide", help="Every column, however wide (default: fitted to the terminal)."),
 ) -> None:
     """Comparison tables and plots of the runs recorded in MLflow."""
     from crdnd_ray.report import report_command
@@ -367,7 +353,7 @@ def report(
         raise UsageError(f"--format '{fmt}' is not one of table, md, csv, parquet.")
     chosen = [m.strip() for m in metrics.split(",")] if metrics else None
     try:
-        report_command(experiment, run, chosen, fmt, output, tracking_uri)
+        report_command(experiment, run, chosen, fmt, output, tracking_uri, wide=wide)
     except ValueError as error:
         raise UsageError(str(error)) from None
 

@@ -138,22 +138,26 @@ def optimisation_history(frame: pd.DataFrame, metric: str, mode: str, path: Path
 
 
 def param_vs_metric(frame: pd.DataFrame, params: Sequence[str], metric: str, path: Path | str) -> Path:
-    """One panel per parameter: ``metric`` against the parameter's value (categories on an axis of labels)."""
+    """One panel per parameter: ``metric`` against the parameter's value (categories on an axis of labels).
+
+    A parameter with no run that has both a value and the metric gets no panel (an empty panel says nothing).
+    """
     import numpy as np
     import pandas as pd
 
     _require(frame, metric, *params)
-    params = list(params) or []
+    y = pd.to_numeric(frame[metric], errors="coerce").to_numpy(dtype=float)
+    params = [name for name in params if (frame[name].notna().to_numpy() & np.isfinite(y)).any()]
     count = max(len(params), 1)
     ncols = min(count, 3)
     nrows = math.ceil(count / ncols)
     figure, axes = _figure(ncols, nrows, width=4.2, height=3.4)
-    y = pd.to_numeric(frame[metric], errors="coerce").to_numpy(dtype=float)
     for position in range(nrows * ncols):
         ax = axes[position // ncols][position % ncols]
         if position >= len(params):
             if not params:
-                ax.text(0.5, 0.5, "no parameters to show", ha="center", va="center", transform=ax.transAxes)
+                ax.text(0.5, 0.5, f"no run has both a parameter and {metric}", ha="center", va="center",
+                        transform=ax.transAxes)
             else:
                 ax.set_visible(False)
             continue

@@ -176,7 +176,7 @@ def write_run_folder(folder: Path, epochs: int = RUN_EPOCHS, final: bool = True,
     (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
     with open(folder / "metrics.jsonl", "w") as handle:
         for epoch in range(epochs):
-            row = {"epoch": epoch, "lr": 0.05 / (epoch + 1), "images_per_s": 1000.0 + epoch, "epoch_time_s": 1.5,
+            row = {"epoch": epoch + 1, "lr": 0.05 / (epoch + 1), "images_per_s": 1000.0 + epoch, "epoch_time_s": 1.5,
                    "epoch_started_at": 1.7e9 + epoch, "pgd20_best_so_far": 20.0 + 5 * epoch + seed,
                    "loss": 2.0 - 0.5 * epoch, "loss_kd": 1.0 - 0.2 * epoch, "loss_contrast": 0.5,
                    "clean_acc": 40.0 + 10 * epoch + seed, "pgd20_acc": 20.0 + 5 * epoch + seed}
@@ -187,7 +187,7 @@ def write_run_folder(folder: Path, epochs: int = RUN_EPOCHS, final: bool = True,
         (folder / "final_metrics.json").write_text(json.dumps({
             "best": {"clean_acc": 60.0 + seed, "fgsm_acc": 35.0, "pgd20_acc": 30.0 + seed, "cw_acc": 28.0, "n_eval": 64},
             "last": {"clean_acc": 59.0, "fgsm_acc": 34.0, "pgd20_acc": 29.0, "cw_acc": 27.5, "n_eval": 64},
-            "best_epoch": epochs - 1,
+            "best_epoch": epochs,
         }))
     return cfg
 

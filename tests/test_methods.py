@@ -350,3 +350,10 @@ def test_each_method_attacks_with_its_published_batchnorm_mode(name, bn_updates_
     assert (after != before) == bn_updates_during_attack
     assert distiller.student.training, "the student's mode is restored after the attack"
     assert (adversarial - x).abs().max() <= ATTACK.eps + 1e-6 and adversarial.min() >= 0 and adversarial.max() <= 1
+
+
+def test_accuracy_parts_are_percentages_like_every_accuracy_reported():
+    from crdnd_ray.methods.base import accuracy
+
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [2.0, 0.0]])
+    assert accuracy(logits, torch.tensor([0, 1, 1, 1])).item() == pytest.approx(50.0)

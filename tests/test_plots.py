@@ -50,3 +50,15 @@ def test_plots_are_png_files(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no column 'missing'"):
         plots.optimisation_history(frame, "missing", "max", tmp_path / "x.png")
     assert_png(plots.learning_curves([], tmp_path / "empty.png"))
+
+
+def test_a_parameter_without_any_point_gets_no_empty_panel(tmp_path: Path) -> None:
+    frame = sweep_frame().assign(**{"method.compensation.beta": [np.nan, np.nan, 2.0, np.nan]})
+    figure_path = plots.param_vs_metric(frame, ["method.temperature", "method.compensation.beta"], "best_pgd20_acc",
+                                        tmp_path / "params.png")
+    assert_png(figure_path)
+    from PIL import Image
+
+    width, _ = Image.open(figure_path).size
+    single = plots.param_vs_metric(frame, ["method.temperature"], "best_pgd20_acc", tmp_path / "one.png")
+    assert Image.open(single).size[0] == width, "the beta panel (only a stopped trial has beta) is left out"

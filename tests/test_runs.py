@@ -16,9 +16,9 @@ from crdnd_ray.config import ConfigError, RunConfig
 def test_a_torn_last_line_is_skipped_everywhere(tmp_path):
     write_run_folder(tmp_path, epochs=3, final=False)
     with open(tmp_path / runs.METRICS_FILE, "a") as handle:
-        handle.write('{"epoch": 3, "loss": 0.')
-    assert [row["epoch"] for row in runs.read_metrics(tmp_path)] == [0, 1, 2]
-    assert runs.last_report(tmp_path)["epoch"] == 2
+        handle.write('{"epoch": 4, "loss": 0.')
+    assert [row["epoch"] for row in runs.read_metrics(tmp_path)] == [1, 2, 3]
+    assert runs.last_report(tmp_path)["epoch"] == 3
     assert runs.run_status(runs.last_report(tmp_path), ended=True)[0] == "stopped_early"
     assert runs.read_metrics(tmp_path / "absent") == [] and runs.last_report(tmp_path / "absent") is None
 

@@ -84,6 +84,7 @@ def ablation_trial_spec(ablation: AblationConfig):
         overrides=overrides,
         name=lambda trial: f"{trial.config['cell']['variant']}/seed={trial.config['cell']['seed']}",
         tags=lambda config: {"variant": config["cell"]["variant"], "seed": str(config["cell"]["seed"])},
+        shown_tags=("variant", "seed"),
     )
 
 

@@ -251,7 +251,7 @@ def run_training(cfg: RunConfig, output_dir: Path, teacher: nn.Module | None,
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         start_epoch, best_score = state["epoch"] + 1, state["best_score"]
-        history = [row for row in runs.read_metrics(output_dir) if row["epoch"] < start_epoch]
+        history = [row for row in runs.read_metrics(output_dir) if row["epoch"] <= start_epoch]
     runners = RunnerSource(cfg.train.cuda_graphs, device, context.progress if is_main else None,
                            collectives_in_attack=cfg.scaling.sync_batchnorm and context.world_size > 1
                            and distiller.attack_bn_mode == "train")
@@ -294,9 +294,9 @@ def run_training(cfg: RunConfig, output_dir: Path, teacher: nn.Module | None,
                 sums += values
             steps += 1
             if steps % FINITE_CHECK_STEPS == 0:
-                _check_finite(sums, epoch, checked, step)
+                _check_finite(sums, epoch + 1, checked, step)
                 checked = step + 1
-        _check_finite(sums, epoch, checked, steps - 1)
+        _check_finite(sums, epoch + 1, checked, steps - 1)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         timing = _all_reduce_max(torch.tensor([time.perf_counter() - started, started_at], dtype=torch.float64,
@@ -306,7 +306,7 @@ def run_training(cfg: RunConfig, output_dir: Path, teacher: nn.Module | None,
         scheduler.step()
         totals = _all_reduce_sum(torch.cat([sums, torch.tensor([float(steps)], device=device)])).tolist()
         global_steps = totals[-1]
-        row: dict[str, Any] = {"epoch": epoch, "lr": lr,
+        row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr,
                                "images_per_s": global_steps * loader.batch_size / max(elapsed, 1e-9),
                                "epoch_time_s": elapsed, "epoch_started_at": started_at}
         row.update(sorted((name, total / max(global_steps, 1.0)) for name, total in zip(names, totals)))
@@ -329,8 +329,8 @@ def run_training(cfg: RunConfig, output_dir: Path, teacher: nn.Module | None,
         checkpoint_dir = None
         if is_main:
             if improved:
-                save_model(output_dir / runs.BEST_CHECKPOINT, distiller.student, extra={"epoch": epoch}, **save_facts)
-            save_model(output_dir / runs.LAST_CHECKPOINT, distiller.student, extra={"epoch": epoch}, **save_facts)
+                save_model(output_dir / runs.BEST_CHECKPOINT, distiller.student, extra={"epoch": epoch + 1}, **save_facts)
+            save_model(output_dir / runs.LAST_CHECKPOINT, distiller.student, extra={"epoch": epoch + 1}, **save_facts)
             runs.write_metrics(output_dir, history)
         if last_epoch:
             row.update(_final_evaluation(cfg, output_dir, test_set, context, runners))

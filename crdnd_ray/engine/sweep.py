@@ -127,7 +127,8 @@ def run_sweep(cfg: RunConfig, folder: Path, resume: bool = False, printer: Calla
                                   grace_period=search.scheduler.grace_period,
                                   reduction_factor=search.scheduler.reduction_factor)
     spec = TrialSpec(overrides=lambda config: {k: v for k, v in config.items()},
-                     name=lambda trial: f"trial-{trial.trial_id}", tags=lambda config: {})
+                     name=lambda trial: f"trial-{trial.trial_id}", tags=lambda config: {},
+                     shown_params=tuple(search.space))
     result = run_trials(
         cfg, folder, kind="sweep", param_space={}, spec=spec, num_samples=search.num_samples,
         max_concurrent=search.max_concurrent, metrics=metrics, modes=modes, search_alg=searcher,

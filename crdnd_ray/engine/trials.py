@@ -2,9 +2,9 @@
 
 :func:`run_trials` turns a parameter space (Optuna's proposals for a sweep, a grid of variant × seed cells
 for an ablation) into Tune trials. A trial with one worker trains inside its Tune trial (no Ray Train
-start-up); with N workers it is a Ray Train run. The driver is the only writer to the tracking store: one
-:class:`TrialRecorder` callback feeds each trial's reports into its :class:`~crdnd_ray.tracking.RunRecord`.
-Status, reason and rows come from :func:`trial_status`, which applies :func:`crdnd_ray.runs.run_status`.
+start-up); with N workers it is a Ray Train run. The driver is the only writer to the tracking store: the
+callbacks of ``engine.callbacks`` record each trial and show the progress. Status, reason and rows come from
+``callbacks.trial_status``, which applies :func:`crdnd_ray.runs.run_status`.
 """
 
 from __future__ import annotations
@@ -21,42 +21,21 @@ from ray import tune
 
 from crdnd_ray import runs
 from crdnd_ray.config import RunConfig, flatten
+from crdnd_ray.engine.callbacks import TrialRecorder, TrialSpec, TrialsProgress, loop_report, trial_status
 from crdnd_ray.engine.distributed import TrainingFailed, build_trainer, init_ray, root_cause
 from crdnd_ray.engine.loop import LoopContext, run_training
 from crdnd_ray.engine.resources import ResourcePlan, plan_resources
 from crdnd_ray.engine.teachers import load_teacher
 from crdnd_ray.logs import route_library_logs
-from crdnd_ray.tracking.record import RunRecord
+from crdnd_ray.tracking import links
 from crdnd_ray.tracking.store import Recorder, TrackingUnavailable
 from crdnd_ray.tracking.sync import sync_trials
 
-__all__ = ["TERMINAL", "TrialRecorder", "TrialSpec", "TrialsPlan", "TrialsResult", "loop_report", "plan_trials", "run_trials",
-           "trial_error", "trial_status"]
+__all__ = ["TERMINAL", "TrialSpec", "TrialsPlan", "TrialsResult", "plan_trials", "run_trials"]
 
 TERMINAL = ("finished", "stopped_early", "failed", "killed")
-TUNE_KEYS = frozenset({
-    "training_iteration", "time_total_s", "time_this_iter_s", "time_since_restore", "timesteps_total",
-    "timesteps_since_restore", "iterations_since_restore", "episodes_total", "timestamp", "pid", "node_ip",
-    "hostname", "date", "config", "done", "trial_id", "experiment_tag", "experiment_id", "checkpoint_dir_name",
-    "should_checkpoint", "warmup_time", "checkpoint_path",
-})
-"""Keys that Ray Tune adds to every result; what remains is the loop's own report."""
-
-
-def loop_report(result: dict[str, Any] | None) -> dict[str, Any]:
-    """A Tune result without Tune's bookkeeping: the row that the training loop reported."""
-    return {key: value for key, value in (result or {}).items() if key not in TUNE_KEYS}
-
-
-@dataclass
-class TrialSpec:
-    """How a trial's Tune config becomes a run: its overrides of the base config, its name and its tags."""
-
-    overrides: Callable[[dict[str, Any]], dict[str, Any]]
-    name: Callable[[Any], str]
-    tags: Callable[[dict[str, Any]], dict[str, str]]
-
-
+VIEW_METRICS = ("best_clean_acc", "best_pgd20_acc")
+"""Metrics the MLflow UI view of a sweep or ablation shows after its own ranking metrics."""
 @dataclass
 class TrialsResult:
     """What :func:`run_trials` returns: one row per trial, and the parent run that files can be attached to."""
@@ -98,43 +77,6 @@ class TrialsPlan:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def trial_error(trial: Any, max_lines: int = 30) -> str:
-    """The error of a failed trial: its last line (the exception) first, then the traceback's head and tail."""
-    text = ""
-    try:
-        error_file = trial.error_file
-    except Exception:  # noqa: BLE001 - the local staging path needs a running Ray session
-        error_file = None
-    if error_file and Path(error_file).is_file():
-        text = Path(error_file).read_text(errors="replace")
-    if not text.strip():
-        try:
-            text = str(trial.get_error() or "")
-        except Exception:  # noqa: BLE001 - the trial's storage may be gone
-            text = ""
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    if not lines:
-        return "The trial failed without an error message."
-    summary = lines[-1].strip()
-    if len(lines) > max_lines:
-        lines = lines[: max_lines - 6] + ["..."] + lines[-5:]
-    return summary + "\n\n" + "\n".join(lines)
-
-
-def trial_status(trial: Any, interrupted: bool = False) -> tuple[str, str]:
-    """``(status, reason)`` of a Tune trial by :func:`crdnd_ray.runs.run_status`; ``pending`` before its first
-    report (Ray Tune also puts a trial it stopped back to PENDING, but that one has reported).
-
-    With ``interrupted`` (the sweep was stopped by the user), a trial that had not ended is ``killed``.
-    """
-    report = loop_report(trial.last_result)
-    if trial.status == "PENDING" and "epoch" not in report:
-        return "pending", ""
-    ended = trial.status in ("TERMINATED", "ERROR")
-    error = trial_error(trial) if trial.status == "ERROR" else None
-    return runs.run_status(report, ended=ended, error=error, interrupted=interrupted and not ended)
-
-
 def _trial_function(config: dict[str, Any], base: dict[str, Any], folder: str, teacher_path: str | None,
                     plan: ResourcePlan, overrides: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
     """The Tune function trainable: train one trial in-process or as a Ray Train run."""
@@ -160,109 +102,6 @@ def _trial_function(config: dict[str, Any], base: dict[str, Any], folder: str, t
     trainer.fit()
 
 
-class TrialRecorder(tune.Callback):
-    """Records every trial as a child MLflow run of the sweep's or ablation's parent run.
-
-    It runs in the Tune driver, the only process that writes to the tracking store. A trial restored on
-    resume reuses its child run (found by its ``trial_id`` tag) instead of creating a duplicate. Every hook
-    logs its own errors, so a recording problem never stops the trials.
-    """
-
-    def __init__(self, recorder: Recorder, parent_run_id: str, kind: str, spec: TrialSpec, base: dict[str, Any],
-                 folder: Path) -> None:
-        self.recorder, self.parent_run_id, self.kind, self.spec = recorder, parent_run_id, kind, spec
-        self.base_params = flatten(base)
-        self.folder = Path(folder)
-        self.records: dict[str, RunRecord] = {}
-
-    def record(self, trial: Any) -> RunRecord:
-        """The trial's record: known, an existing child run of the parent (resume), or a new child run."""
-        trial_id = trial.trial_id
-        if trial_id not in self.records:
-            folder = self.folder / "trials" / trial_id
-            existing = self.recorder.find_child(self.parent_run_id, trial_id)
-            if existing is not None:
-                self.records[trial_id] = RunRecord.reopen(self.recorder, existing, folder)
-            else:
-                overrides = self.spec.overrides(trial.config)
-                params = {**self.base_params, **overrides}
-                tags = {"trial_id": trial_id, f"{self.kind}_id": self.parent_run_id, "kind": self.kind,
-                        "method": str(params.get("method.name")), "seed": str(params.get("experiment.seed")),
-                        **self.spec.tags(trial.config)}
-                self.records[trial_id] = RunRecord.start(self.recorder, self.spec.name(trial), params, tags, folder,
-                                                         parent_run_id=self.parent_run_id, sampled=overrides)
-        return self.records[trial_id]
-
-    def _guard(self, what: str, trial: Any, action: Callable[[], Any]) -> None:
-        try:
-            action()
-        except TrackingUnavailable:
-            pass
-        except Exception as error:  # noqa: BLE001 - a recording problem must not fail the trials
-            print(f"warning: recording trial {getattr(trial, 'trial_id', '?')} in MLflow failed while {what} "
-                  f"({type(error).__name__}: {error}); 'crdnd-ray sync' repairs it.", file=sys.stderr, flush=True)
-
-    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        """Open (or reopen) the trial's child run."""
-        self._guard("opening its run", trial, lambda: self.record(trial))
-
-    def on_trial_restore(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        """Reopen the child run of a restored trial."""
-        self._guard("reopening its run", trial, lambda: self.record(trial))
-
-    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any],
-                        **info: Any) -> None:
-        """Feed the loop's report to the trial's record."""
-        self._guard("logging a result", trial, lambda: self.record(trial).report(loop_report(result)))
-
-    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        """Finish the record: finished when the final metrics arrived, else stopped early."""
-        self._guard("finishing its run", trial, lambda: self.record(trial).finish())
-
-    def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        """Note a failure that Tune will retry."""
-        self._guard("noting a retry", trial, lambda: self.recorder.set_tags(
-            self.record(trial).run_id, {"status": "retrying", "last_failure": trial_error(trial)}))
-
-    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        """Finish the record as failed, with the trial's error as the reason."""
-        self._guard("marking its run failed", trial, lambda: self.record(trial).finish(error=trial_error(trial)))
-
-
-class LiveTable(tune.Callback):
-    """Prints one compact line per trial event (Ray's own output is silenced)."""
-
-    def __init__(self, total: int, metrics: list[str], spec: TrialSpec, printer: Callable[[str], None]) -> None:
-        self.total, self.metrics, self.spec, self.printer = total, metrics, spec, printer
-        self.done = 0
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Tune pickles its run config for resuming; the printer stays with the live driver."""
-        return {**self.__dict__, "printer": print}
-
-    def _line(self, trial: Any, what: str) -> None:
-        result = trial.last_result or {}
-        shown = " ".join(f"{m}={result[m]:.2f}" for m in self.metrics if isinstance(result.get(m), (int, float)))
-        params = " ".join(f"{k.split('.', 1)[-1]}={_short(v)}" for k, v in self.spec.overrides(trial.config).items())
-        self.printer(f"[{self.done}/{self.total}] {self.spec.name(trial)} {what} "
-                     f"epoch={result.get('training_iteration', 0)} {shown}  {params}")
-
-    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self._line(trial, "started")
-
-    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self.done += 1
-        self._line(trial, runs.run_status(loop_report(trial.last_result), ended=True)[0].replace("_", " "))
-
-    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self.done += 1
-        self._line(trial, f"FAILED ({trial_error(trial).splitlines()[0]})")
-
-
-def _short(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
 def run_trials(cfg: RunConfig, folder: Path, *, kind: str, param_space: dict[str, Any], spec: TrialSpec,
                num_samples: int, max_concurrent: int, metrics: list[str], modes: list[str],
                search_alg: Any = None, scheduler: Any = None, resume: bool = False,
@@ -278,14 +117,24 @@ def run_trials(cfg: RunConfig, folder: Path, *, kind: str, param_space: dict[str
     """
     folder = Path(folder).resolve()
     route_library_logs(folder)
+    printer("starting Ray" + (f" (joining {cfg.scaling.address})" if cfg.scaling.address else
+                              ": a local instance takes 5-15 s"))
     cluster = init_ray(cfg.scaling, log_to_driver=False)
     route_library_logs(folder)
     in_process = cfg.scaling.num_workers == 1 and cfg.scaling.in_process_single_worker
     plan = plan_resources(cfg.scaling, cluster, concurrent_trials=max_concurrent, in_process=in_process)
     _link_ray_logs(folder)
     recorder, parent_id = _start_parent(cfg, folder, kind, resume, parent_params or {})
+    if recorder is not None and parent_id is not None:
+        view = links.trials_view(parent_id, metrics=[*metrics, *(m for m in VIEW_METRICS if m not in metrics)],
+                                 params=spec.shown_params, mode="min" if modes[0] == "min" else "max",
+                                 tags=(*spec.shown_tags, "status"), kind=kind, created_ms=int(time.time() * 1000),
+                                 chart_metric=metrics[0])
+        recorder.set_experiment_tag(view.tag_key, view.tag_value)
+        runs.update_run_info(folder, ui_view=view.key)
     total = _expected_trials(param_space, num_samples)
-    callbacks: list[Any] = [LiveTable(total, metrics, spec, printer), *(extra_callbacks or [])]
+    callbacks: list[Any] = [TrialsProgress(kind, total, cfg.train.epochs, plan.concurrent, metrics, spec, printer),
+                            *(extra_callbacks or [])]
     if recorder is not None and parent_id is not None:
         callbacks.append(TrialRecorder(recorder, parent_id, kind, spec, cfg.run_dict(), folder))
     trainable = tune.with_resources(
@@ -297,7 +146,6 @@ def run_trials(cfg: RunConfig, folder: Path, *, kind: str, param_space: dict[str
     tune_dir = folder / "tune"
     printer(f"{kind}: {total} trial(s), {plan.describe()}; "
             f"{'trains in the Tune trial' if in_process else 'Ray Train per trial'}")
-    started = time.perf_counter()
     run_config = tune.RunConfig(name=kind, storage_path=str(tune_dir), callbacks=callbacks, verbose=0,
                                 failure_config=tune.FailureConfig(max_failures=0))
     if resume and tune.Tuner.can_restore(str(tune_dir / kind)):
@@ -327,8 +175,7 @@ def run_trials(cfg: RunConfig, folder: Path, *, kind: str, param_space: dict[str
         rows = _rows(tune_dir / kind, spec, interrupted=True)
     if recorder is not None and parent_id is not None:
         _bring_store_in_line(recorder, parent_id, folder, rows, cfg, kind, callbacks, interrupted)
-    printer(f"{kind} {'interrupted' if interrupted else 'done'} in {time.perf_counter() - started:.1f} s "
-            f"({len(rows)} trial(s) recorded)")
+    printer(f"{kind} {'interrupted' if interrupted else 'done'}: {len(rows)} trial(s) recorded")
     if interrupted:
         ray.shutdown()
     return TrialsResult(rows, parent_id, recorder, interrupted, folder)
@@ -359,10 +206,11 @@ def _expected_trials(param_space: dict[str, Any], num_samples: int) -> int:
 
 
 def _rows(experiment_dir: Path, spec: TrialSpec, interrupted: bool = False) -> list[dict[str, Any]]:
-    """One row per trial from Tune's experiment state: name, status, reason, epochs, parameters, metrics."""
+    """One row per trial from Tune's experiment state, in the order the trials started (trials that never
+    started last): name, status, reason, epochs, parameters, metrics."""
     analysis = tune.ExperimentAnalysis(str(experiment_dir))
     rows = []
-    for trial in sorted(analysis.trials, key=lambda t: t.trial_id):
+    for trial in sorted(analysis.trials, key=lambda t: (t.run_metadata.start_time or float("inf"), t.trial_id)):
         status, reason = trial_status(trial, interrupted)
         result = trial.last_result or {}
         row: dict[str, Any] = {"trial": spec.name(trial), "trial_id": trial.trial_id, "status": status,

@@ -172,5 +172,6 @@ def distillation_kl(
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Fraction of rows whose arg-max is the label, as a detached scalar tensor."""
-    return (logits.detach().argmax(dim=1) == y).float().mean()
+    """Percentage of rows whose arg-max is the label (0-100, like every accuracy crdnd-ray reports), as a
+    detached scalar tensor."""
+    return 100.0 * (logits.detach().argmax(dim=1) == y).float().mean()

@@ -7,49 +7,101 @@ from __future__ import annotations
 import io
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from crdnd_ray import plots
 from crdnd_ray.analysis import metric_mode
-from crdnd_ray.report.query import check_experiment, client_for, latest_parent, runs_frame
+from crdnd_ray.report.query import check_experiment, client_for, runs_frame
 from crdnd_ray.tables import cell_text, is_numeric_column, markdown_table, write_table
-from crdnd_ray.tracking.store import normalize_tracking_uri
+from crdnd_ray.tracking.store import latest_parent, normalize_tracking_uri
 
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["FORMATS", "format_table", "report_command", "summary_plots"]
+__all__ = ["FORMATS", "KEY_METRICS", "format_table", "report_command", "summary_plots", "terminal_table"]
 
 FORMATS = ("table", "md", "csv", "parquet")
 """Formats of ``crdnd-ray report --format``."""
 
 _SUFFIX = {"md": ".md", "csv": ".csv", "parquet": ".parquet", "table": ".md"}
+KEY_METRICS = ("best_clean_acc", "best_pgd20_acc", "best_cw_acc", "best_autoattack_acc")
+"""The final metrics a terminal table shows after the ranking metric, when recorded."""
 
 
 def format_table(frame: pd.DataFrame, fmt: str = "table", title: str | None = None) -> str:
-    """The table as text for the terminal: ``table`` (a rich table), ``md`` or ``csv``."""
+    """The whole table as text: ``table`` (a rich table of every column, as wide as it needs), ``md`` or ``csv``."""
     if fmt == "md":
         return (f"**{title}**\n\n" if title else "") + markdown_table(frame)
     if fmt == "csv":
         return frame.to_csv(index=False)
     if fmt != "table":
         raise ValueError(f"The table format '{fmt}' is not one of table, md, csv.")
+    natural = 1 + sum(3 + max([len(str(name))] + [len(cell_text(v, "-")) for v in frame[name]]) for name in frame.columns)
+    return _render(frame, list(frame.columns), {name: str(name) for name in frame.columns}, title,
+                   max(natural, len(title or "")))
+
+
+def _render(frame: pd.DataFrame, columns: list[str], labels: dict[str, str], title: str | None, width: int,
+            marks: list[str] | None = None) -> str:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title)
-    for name in frame.columns:
-        table.add_column(str(name), justify="right" if is_numeric_column(frame, name) else "left", overflow="fold",
-                         min_width=32 if name == "run_id" else None)
-    for row in frame.itertuples(index=False, name=None):
-        table.add_row(*(cell_text(v, "-") for v in row))
+    table = Table(title=title, title_justify="left")
+    if marks is not None:
+        table.add_column("", no_wrap=True, min_width=1)
+    for name in columns:
+        numeric = is_numeric_column(frame, name)
+        table.add_column(labels[name], justify="right" if numeric else "left", no_wrap=True,
+                         overflow="ellipsis", min_width=min(len(labels[name]), 24))
+    for position, row in enumerate(frame[columns].itertuples(index=False, name=None)):
+        cells = [f"{v:.2f}" if isinstance(v, float) and is_numeric_column(frame, c) and v == v else cell_text(v, "-")
+                 for c, v in zip(columns, row)]
+        table.add_row(*([marks[position]] if marks is not None else []), *cells)
     buffer = io.StringIO()
-    natural = 1 + sum(3 + max([len(str(name))] + [len(cell_text(v, "-")) for v in frame[name]]) for name in frame.columns)
-    width = max(shutil.get_terminal_size((120, 24)).columns, natural, len(title or ""))
     Console(file=buffer, width=width, color_system=None, force_terminal=False).print(table)
     return buffer.getvalue()
 
 
+def _short_labels(names: list[str]) -> dict[str, str]:
+    """``method.compensation.beta`` → ``beta``; more of the dotted path only where two would read the same."""
+    labels: dict[str, str] = {}
+    for name in names:
+        parts = name.split(".")
+        for depth in range(1, len(parts) + 1):
+            label = ".".join(parts[-depth:])
+            if sum(".".join(other.split(".")[-depth:]) == label for other in names) == 1:
+                break
+        labels[name] = label
+    return labels
+
+
+def terminal_table(frame: pd.DataFrame, metric: str | None, mode: str, title: str, width: int | None = None) -> str:
+    """The table a researcher reads in a terminal: one row per run, best first by ``metric`` (marked ★), the
+    run's name and status, the searched parameters under short names and a few key metrics, fitted to
+    ``width`` (the terminal's, 120 when it has none). ``crdnd-ray report --wide`` prints every column instead."""
+    import pandas as pd
+
+    shown = frame
+    if metric in frame.columns:
+        values = pd.to_numeric(frame[metric], errors="coerce")
+        shown = frame.assign(_key=values).sort_values("_key", ascending=(mode == "min"), na_position="last",
+                                                      kind="stable").drop(columns="_key")
+    width = width or shutil.get_terminal_size((120, 24)).columns
+    tags = [c for c in ("variant", "seed") if c in shown.columns]
+    params = [c for c in shown.attrs.get("sampled", []) if c in shown.columns]
+    metrics = [m for m in dict.fromkeys([metric, *KEY_METRICS]) if m in shown.columns][:4]
+    labels = {"run_name": "run", "status": "status", **{t: t for t in tags}, **_short_labels(params),
+              **{m: m for m in metrics}}
+
+    def natural(columns: list[str]) -> int:
+        return 5 + sum(3 + max([len(labels[c])] + [len(cell_text(v, "-")) if not is_numeric_column(shown, c)
+                                                   else 8 for v in shown[c]]) for c in columns)
+
+    while natural(["run_name", "status", *tags, *params, *metrics]) > width and (len(metrics) > 1 or params):
+        (metrics if len(metrics) > 1 else params).pop()
+    best = shown[metric].first_valid_index() if metric in shown.columns else None
+    marks = ["★" if index == best else "" for index in shown.index]
+    return _render(shown, ["run_name", "status", *tags, *params, *metrics], labels, title, width, marks)
 
 
 def _first_present(frame: pd.DataFrame, *names: str) -> str | None:
@@ -99,16 +151,34 @@ def summary_plots(frame: pd.DataFrame, folder: Path | str, metric: str | None = 
     return written
 
 
+def _ranking(parent: Any, frame: pd.DataFrame, metrics: list[str] | None) -> tuple[str | None, str]:
+    """The metric and direction that rank the runs: the first ``--metrics``, else a sweep's own search metric
+    (as recorded on its parent run), else the best checkpoint's PGD-20 accuracy."""
+    import json
+
+    params = parent.data.params if parent is not None else {}
+    searched = params.get("search.metric")
+    if searched and searched.startswith("["):
+        searched = json.loads(searched)[0]
+    metric = (metrics or [None])[0] or (searched if searched in frame.columns else None) or (
+        _first_present(frame, "best_pgd20_acc", "pgd20_acc", *frame.attrs.get("metrics", [])))
+    mode = params.get("search.mode", "") if metric == searched else ""
+    if mode.startswith("["):
+        mode = json.loads(mode)[0]
+    return metric, mode if mode in ("max", "min") else metric_mode(metric or "")
+
+
 def report_command(experiment: str, run: str | None, metrics: list[str] | None, fmt: str, output: Path | None,
-                   tracking_uri: str = "sqlite:///mlflow.db") -> None:
+                   tracking_uri: str = "sqlite:///mlflow.db", wide: bool = False, width: int | None = None) -> None:
     """What ``crdnd-ray report`` does: print the comparison table and write the table file and plots.
 
     ``run`` is a parent run id (its children are compared) or any run id; without it the experiment's most
-    recent sweep or ablation parent is used, or all top-level runs when there is none. The table is written
-    to ``output`` (format from its suffix, else ``fmt``) with the plots beside it as ``<stem>_*.png``; without
-    ``output`` the plots go to ``report/`` in the working directory (and a ``parquet`` table to
-    ``report/runs.parquet``). Raises ValueError with a full-sentence message for an unknown experiment, run
-    id, metric or format.
+    recent sweep or ablation parent is used, or all top-level runs when there is none. The terminal table
+    (``fmt`` ``table``) fits ``width`` and ranks the runs (:func:`terminal_table`); ``wide`` prints every column.
+    The table is written to ``output`` (format from its suffix, else ``fmt``) with the plots beside it as
+    ``<stem>_*.png``; without ``output`` the plots go to ``report/<parent run name>/`` in the working
+    directory (and a ``parquet`` table there as ``runs.parquet``), so two reports never overwrite each other.
+    Raises ValueError with a full-sentence message for an unknown experiment, run id, metric or format.
     """
     from mlflow.exceptions import MlflowException
 
@@ -119,23 +189,23 @@ def report_command(experiment: str, run: str | None, metrics: list[str] | None, 
     client = client_for(uri)
     if run is not None:
         try:
-            chosen = client.get_run(run)
+            parent = client.get_run(run)
         except MlflowException:
             raise ValueError(
                 f"There is no run with id '{run}' in the MLflow store {uri}. Copy a run id from "
                 f"'crdnd-ray report --experiment {experiment}' or from the MLflow UI."
             ) from None
-        if chosen.info.experiment_id != experiment_id:
+        if parent.info.experiment_id != experiment_id:
             raise ValueError(
-                f"The run '{run}' belongs to another experiment (id {chosen.info.experiment_id}), not to "
+                f"The run '{run}' belongs to another experiment (id {parent.info.experiment_id}), not to "
                 f"'{experiment}'. Pass that run's experiment with --experiment."
             )
         frame = runs_frame(uri, experiment, parent_run_id=run, metrics=metrics)
-        title = f"{chosen.data.tags.get('run_kind', 'run')} {chosen.info.run_name} ({run})"
+        title = f"{parent.data.tags.get('run_kind', 'run')} {parent.info.run_name} ({run})"
         if frame.empty:
             frame = runs_frame(uri, experiment, metrics=metrics, run_ids=[run])
     else:
-        parent = latest_parent(client, experiment_id)
+        parent = latest_parent(client, [experiment_id])
         if parent is not None:
             frame = runs_frame(uri, experiment, parent_run_id=parent.info.run_id, metrics=metrics)
             title = (f"latest {parent.data.tags.get('run_kind')} of '{experiment}': {parent.info.run_name} "
@@ -144,7 +214,13 @@ def report_command(experiment: str, run: str | None, metrics: list[str] | None, 
             frame = runs_frame(uri, experiment, metrics=metrics, top_level=True)
             title = f"runs of '{experiment}'"
     title += f", {len(frame)} run(s)"
-    print(format_table(frame, fmt if fmt in ("table", "md", "csv") else "table", title=title))
+    metric, mode = _ranking(parent, frame, metrics)
+    if fmt == "table" and not wide:
+        print(terminal_table(frame, metric, mode, title, width))
+        if metric:
+            print(f"★ best by {metric} ({mode}); every column: --wide")
+    else:
+        print(format_table(frame, fmt if fmt in ("table", "md", "csv") else "table", title=title))
     if frame.empty:
         print(f"The experiment '{experiment}' holds no runs here yet; record some with 'crdnd-ray train', "
               "'crdnd-ray sweep' or 'crdnd-ray ablate'.")
@@ -155,9 +231,9 @@ def report_command(experiment: str, run: str | None, metrics: list[str] | None, 
         written = [write_table(frame, output)]
         plots_folder, prefix = output.parent, f"{output.stem}_"
     else:
-        plots_folder, prefix = Path("report"), ""
+        plots_folder, prefix = Path("report") / (parent.info.run_name if parent is not None else experiment), ""
         written = [write_table(frame, plots_folder / "runs.parquet")] if fmt == "parquet" else []
-    chosen_metric = metrics[0] if metrics else None
-    written += summary_plots(frame, plots_folder, metric=chosen_metric, prefix=prefix)
+    if len(frame) > 1:
+        written += summary_plots(frame, plots_folder, metric=metric, mode=mode, prefix=prefix)
     for path in written:
         print(f"wrote {path}")

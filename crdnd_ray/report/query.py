@@ -13,7 +13,7 @@ from crdnd_ray.tracking.store import normalize_tracking_uri, sqlite_path
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["check_experiment", "client_for", "default_metrics", "latest_parent", "runs_frame"]
+__all__ = ["check_experiment", "client_for", "default_metrics", "runs_frame"]
 
 _PREFERRED = ("best_clean_acc", "best_fgsm_acc", "best_pgd20_acc", "best_cw_acc", "best_autoattack_acc")
 _TAG_COLUMNS = ("variant", "seed")
@@ -161,14 +161,3 @@ def check_experiment(uri: str, experiment: str) -> str:
             "Pass one of them with --experiment."
         )
     return found.experiment_id
-
-
-def latest_parent(client: Any, experiment_id: str) -> Any | None:
-    """The most recent sweep or ablation parent run of the experiment (an MLflow ``Run``), or None."""
-    newest = None
-    for kind in ("sweep", "ablation"):
-        found = client.search_runs([experiment_id], filter_string=f"tags.run_kind = '{kind}'",
-                                   order_by=["attributes.start_time DESC"], max_results=1)
-        if found and (newest is None or found[0].info.start_time > newest.info.start_time):
-            newest = found[0]
-    return newest

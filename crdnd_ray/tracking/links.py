@@ -1,7 +1,7 @@
 """Links into the MLflow 3.17 web UI that open what a researcher needs at the first click.
 
 Pure functions: nothing here imports MLflow or talks to a server. A caller that records a sweep writes one
-experiment tag (the *saved view*, :func:`sweep_view`) with its own ``MlflowClient`` and prints the URLs.
+experiment tag (the *saved view*, :func:`trials_view`) with its own ``MlflowClient`` and prints the URLs.
 
 What the UI of MLflow 3.17.2 does (read in its minified bundle, ``mlflow/server/js/build/static/js``, and
 checked in headless Chromium by ``tests/test_ui_browser.py``):
@@ -22,7 +22,7 @@ checked in headless Chromium by ``tests/test_ui_browser.py``):
   flat ranked list (filtered to the parent's children with :func:`children_filter`).
 - Run status: the table marks FINISHED with a green check and FAILED *and* KILLED with the same red cross;
   the run page says "Finished", "Failed" or "Killed". :data:`MLFLOW_STATUS` maps a trial's outcome so that a
-  scheduler-stopped trial is no longer a green "Finished"; the ``status`` tag column (in :func:`sweep_view`)
+  scheduler-stopped trial is no longer a green "Finished"; the ``status`` tag column (in :func:`trials_view`)
   tells stopped from failed, and the run tag ``mlflow.runColor`` (:func:`run_color_tags`), which the UI
   reads as the run's colour in the table and the charts, greys stopped trials out.
 - The chart view's parallel-coordinates plot is coloured by the *last* metric of the chart's
@@ -54,7 +54,7 @@ __all__ = [
     "runs_url",
     "runs_view_state",
     "saved_view",
-    "sweep_view",
+    "trials_view",
 ]
 
 SAVED_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
@@ -67,9 +67,11 @@ writes the same tag."""
 STOPPED_EARLY_COLOR = "#b0b0b0"
 """Grey: the colour :func:`run_color_tags` gives a trial the scheduler stopped early."""
 
-MLFLOW_STATUS = {"finished": "FINISHED", "stopped_early": "KILLED", "failed": "FAILED"}
-"""MLflow run status (``MlflowClient.set_terminated``) per trial outcome: KILLED shows a red cross in the runs
-table (the one FAILED also gets) and "Killed" on the run page, where FINISHED would show a green "Finished"."""
+MLFLOW_STATUS = {"finished": "FINISHED", "stopped_early": "KILLED", "failed": "FAILED", "killed": "KILLED"}
+"""MLflow run status (``MlflowClient.set_terminated``) per run outcome: KILLED shows a red cross in the runs
+table (the one FAILED also gets) and "Killed" on the run page, where FINISHED would show a green "Finished".
+A trial the scheduler stopped early and a run the user interrupted are both KILLED; the ``status`` tag tells
+them apart."""
 
 ColumnKind = Literal["attributes", "params", "metrics", "tags"]
 ViewMode = Literal["TABLE", "CHART", "ARTIFACT"]
@@ -257,22 +259,22 @@ def saved_view(key: str, name: str, state: dict, created_ms: int) -> SavedView:
     return SavedView(key=key, tag_key=SAVED_VIEW_TAG_PREFIX + key, tag_value=value)
 
 
-def sweep_view(parent_run_id: str, params: Sequence[str], metric: str, mode: Literal["max", "min"] = "max", *,
-               extra_metrics: Sequence[str] = (), tags: Sequence[str] = ("status",), created_ms: int = 0,
-               name: str | None = None, chart: bool = True, chart_metric: str | None = None) -> SavedView:
-    """The saved view of one sweep: its trials (the parent's children) ranked by ``best_<metric>`` (best
-    first for ``mode``), with the ``tags`` (default the ``status`` tag, which names the trials the scheduler
-    stopped early), the searched ``params``, ``best_<metric>``, the last epoch's ``metric`` and
-    ``extra_metrics`` as columns and, in the chart view, a parallel-coordinates plot of the params coloured
-    by ``chart_metric`` (default ``metric``: every trial reports it, also one stopped after its first epochs;
-    the plot leaves out runs without the colour metric, so ``best_<metric>`` would hide stopped trials).
+def trials_view(parent_run_id: str, *, metrics: Sequence[str], params: Sequence[str] = (), mode: Literal["max", "min"] = "max",
+                tags: Sequence[str] = ("status",), kind: str = "sweep", created_ms: int = 0,
+                chart_metric: str | None = None) -> SavedView:
+    """The saved view of one sweep or ablation: its trials (the parent's children) ranked by ``metrics[0]``
+    (best first for ``mode``), with the ``tags`` (default the ``status`` tag, which names the trials the
+    scheduler stopped early), the ``params`` and the ``metrics`` as columns and, in the chart view, a
+    parallel-coordinates plot of the params coloured by ``chart_metric`` (default ``metrics[0]``; the plot
+    leaves out runs without the colour metric, so a per-epoch metric that every trial reports, also one
+    stopped early, is the right colour).
 
-    Key ``sweep-<parent_run_id>``: one view per sweep, rewritten (same key) when the sweep is resumed.
+    Key ``<kind>-<parent_run_id>``: one view per sweep or ablation, rewritten (same key) when it is resumed.
     """
-    best = f"best_{metric}"
-    metrics = [best, metric, *[m for m in extra_metrics if m not in (best, metric)]]
-    charts = parallel_coordinates_chart(params, chart_metric or metric) if chart and params else None
-    state = runs_view_state(params=params, metrics=metrics, tags=tags, order_by=column_id("metrics", best),
+    if not metrics:
+        raise ValueError("A trials view needs at least one metric to rank the trials by.")
+    charts = parallel_coordinates_chart(params, chart_metric or metrics[0]) if params else None
+    state = runs_view_state(params=params, metrics=metrics, tags=tags, order_by=column_id("metrics", metrics[0]),
                             ascending=(mode == "min"), search_filter=children_filter(parent_run_id), charts=charts)
-    title = name or f"Sweep {parent_run_id[:8]}: trials by {best}"
-    return saved_view(f"sweep-{parent_run_id}", title, state, created_ms)
+    title = f"{kind.capitalize()} {parent_run_id[:8]}: trials by {metrics[0]}"
+    return saved_view(f"{kind}-{parent_run_id}", title, state, created_ms)

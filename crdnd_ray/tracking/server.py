@@ -13,10 +13,16 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from crdnd_ray.tracking.store import DEFAULT_TRACKING_URI, is_loopback, is_server, normalize_tracking_uri, sqlite_path
+from crdnd_ray.tracking import links
+from crdnd_ray.tracking.store import (DEFAULT_TRACKING_URI, is_loopback, is_server, latest_parent, normalize_tracking_uri,
+                                      sqlite_path)
 
-__all__ = ["serve_ui", "start_server", "stop_server"]
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+__all__ = ["serve_ui", "start_server", "stop_server", "ui_links"]
 
 
 def _free_port_error(host: str, port: int) -> str | None:
@@ -102,31 +108,55 @@ def stop_server(process: subprocess.Popen, timeout_s: float = 10.0) -> int:
     return int(process.returncode or 0)
 
 
+def ui_links(client: MlflowClient, server: str, experiment: str | None = None) -> list[tuple[str, str]]:
+    """``(label, url)`` of what to open: the experiment's runs table and, for its latest sweep or ablation, the
+    trials ranked with their parameters and metrics (the saved view the sweep wrote), its parallel-coordinates
+    chart and the compare page of its trials. ``experiment`` None means the latest sweep's or ablation's."""
+    experiments = client.search_experiments()
+    if experiment is not None:
+        experiments = [e for e in experiments if e.name == experiment]
+    parent = latest_parent(client, [e.experiment_id for e in experiments]) if experiments else None
+    chosen = next((e for e in experiments if parent is not None and e.experiment_id == parent.info.experiment_id),
+                  experiments[0] if len(experiments) == 1 else None)
+    if chosen is None:
+        return []
+    shown = [(f"experiment '{chosen.name}', all runs", links.experiment_url(server, chosen.experiment_id))]
+    if parent is None:
+        return shown
+    kind, name = parent.data.tags.get("run_kind", "sweep"), parent.info.run_name
+    key = f"{kind}-{parent.info.run_id}"
+    if links.SAVED_VIEW_TAG_PREFIX + key in chosen.tags:
+        shown.append((f"latest {kind} '{name}': trials ranked, with parameters and metrics",
+                      links.runs_url(server, chosen.experiment_id, view_key=key)))
+        shown.append((f"latest {kind} '{name}': parallel coordinates",
+                      links.runs_url(server, chosen.experiment_id, view_key=key, mode="CHART")))
+    children = client.search_runs([chosen.experiment_id], links.children_filter(parent.info.run_id), max_results=100)
+    if children:
+        shown.append((f"latest {kind} '{name}': compare its {len(children)} trials",
+                      links.compare_url(server, [child.info.run_id for child in children], [chosen.experiment_id])))
+    return shown
+
+
 def serve_ui(port: int = 5000, host: str = "127.0.0.1", tracking_uri: str = DEFAULT_TRACKING_URI,
              experiment: str | None = None) -> int:
-    """Serve the MLflow UI for a tracking store, print its URL, and block until Ctrl-C; returns the exit code.
+    """Serve the MLflow UI for a tracking store, print the links to open, and block until Ctrl-C (or SIGTERM,
+    through the CLI) stops the server's whole process tree; returns the exit code.
 
-    A loopback bind is the default; any other host prints a warning because the UI has no authentication.
-    When ``tracking_uri`` already is an ``http(s)`` server, nothing is started: its URL is printed.
+    The server's own output goes to ``mlflow-ui.log`` beside the store, not the terminal. A loopback bind is
+    the default; any other host prints a warning because the UI has no authentication. When ``tracking_uri``
+    already is an ``http(s)`` server, nothing is started: its links are printed.
     """
-    if is_server(tracking_uri):
-        print(f"The tracking store is already an MLflow server; open {tracking_uri.rstrip('/')} in a browser.")
-        return 0
-    uri = normalize_tracking_uri(tracking_uri)
+    from mlflow import MlflowClient
+
+    uri = tracking_uri if is_server(tracking_uri) else normalize_tracking_uri(tracking_uri)
     db = sqlite_path(uri)
-    experiment_id = None
     if db is not None and not db.exists():
         print(f"Note: {db} does not exist yet; the UI starts on an empty store. Run 'crdnd-ray train' or "
               "'crdnd-ray sweep' in the same directory (or pass --tracking-uri) to fill it.", file=sys.stderr)
-    elif experiment is not None:
-        from mlflow import MlflowClient
-
-        found = MlflowClient(tracking_uri=uri).get_experiment_by_name(experiment)
-        if found is None:
-            print(f"Warning: there is no experiment '{experiment}' in {uri}; opening the experiment list.",
-                  file=sys.stderr)
-        else:
-            experiment_id = found.experiment_id
+    if is_server(uri):
+        for label, link in ui_links(MlflowClient(uri), uri.rstrip("/"), experiment):
+            print(f"{label}: {link}")
+        return 0
     if not is_loopback(host):
         print(f"Warning: binding the MLflow UI to {host} exposes every run and artifact, without "
               "authentication, to anyone who can reach this machine. Use --host 127.0.0.1 (and an SSH tunnel) "
@@ -135,17 +165,20 @@ def serve_ui(port: int = 5000, host: str = "127.0.0.1", tracking_uri: str = DEFA
     if problem:
         print(f"Error: cannot listen on {host}:{port} ({problem}). Pick another port with --port.", file=sys.stderr)
         return 2
+    log_file = (db.parent if db is not None else Path.cwd()) / "mlflow-ui.log"
     try:
-        process, url = start_server(port, host, uri)
+        process, url = start_server(port, host, uri, log_file=log_file)
     except RuntimeError as error:
         print(f"Error: {error}", file=sys.stderr)
         return 1
     shown = url if not host.startswith("0.0.0.0") else f"http://127.0.0.1:{port}"
-    print(f"MLflow UI for {uri} at {shown}  (Ctrl-C to stop)", flush=True)
-    if experiment_id is not None:
-        print(f"Experiment '{experiment}': {shown}/#/experiments/{experiment_id}", flush=True)
+    print(f"MLflow UI for {uri} at {shown}  (Ctrl-C to stop; server log: {log_file})", flush=True)
     try:
+        if db is not None and db.exists():
+            for label, link in ui_links(MlflowClient(uri), shown, experiment):
+                print(f"{label}: {link}", flush=True)
         return process.wait()
     except KeyboardInterrupt:
-        stop_server(process)
         return 0
+    finally:
+        stop_server(process)

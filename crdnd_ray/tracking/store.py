@@ -30,6 +30,8 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
+from crdnd_ray.tracking.links import MLFLOW_STATUS, RUN_COLOR_TAG, run_color_tags
+
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
@@ -46,6 +48,7 @@ __all__ = [
     "download_artifact",
     "is_loopback",
     "is_server",
+    "latest_parent",
     "normalize_tracking_uri",
     "retry",
     "sqlite_path",
@@ -70,7 +73,6 @@ class TrackingUnavailable(Exception):
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 """The embedded default store: a SQLite file in the working directory."""
 
-_MLFLOW_STATUS = {"finished": "FINISHED", "stopped_early": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
 _BATCH_PARAMS_TAGS = 100
 _BATCH_METRICS = 1000
 _PARAM_VALUE_LIMIT = 6000
@@ -434,14 +436,21 @@ class Recorder:
         self.log_epoch(run_id, metrics, step=0)
 
     def finish(self, run_id: str, status: str, reason: str | None = None) -> None:
-        """End a run: tags ``status`` (and ``status_reason``) and MLflow status FINISHED or FAILED."""
-        if status not in _MLFLOW_STATUS:
-            raise ValueError(f"The run status '{status}' is not one of {', '.join(_MLFLOW_STATUS)}.")
-        reason = reason or None
-        if reason is None and "status_reason" in self.call(lambda: self.client.get_run(run_id)).data.tags:
-            self.call(lambda: self.client.delete_tag(run_id, "status_reason"))
-        self.set_tags(run_id, {"status": status, "status_reason": reason})
-        self.call(lambda: self.client.set_terminated(run_id, status=_MLFLOW_STATUS[status]))
+        """End a run: tags ``status`` (and ``status_reason``) and its MLflow status (:data:`links.MLFLOW_STATUS`:
+        a run stopped early is KILLED, not a green FINISHED, and greyed out by its run colour)."""
+        if status not in MLFLOW_STATUS:
+            raise ValueError(f"The run status '{status}' is not one of {', '.join(MLFLOW_STATUS)}.")
+        colors = run_color_tags(status)
+        tags = self.call(lambda: self.client.get_run(run_id)).data.tags
+        for stale in ("status_reason" if not reason else None, RUN_COLOR_TAG if not colors else None):
+            if stale in tags:
+                self.call(lambda stale=stale: self.client.delete_tag(run_id, stale))
+        self.set_tags(run_id, {"status": status, "status_reason": reason or None, **colors})
+        self.call(lambda: self.client.set_terminated(run_id, status=MLFLOW_STATUS[status]))
+
+    def set_experiment_tag(self, key: str, value: str) -> None:
+        """Set one tag of this recorder's experiment (a saved UI view, the description)."""
+        self.call(lambda: self.client.set_experiment_tag(self.experiment_id, key, value))
 
     def log_artifacts(self, run_id: str, paths: Iterable[Path | str], artifact_path: str | None = None) -> list[str]:
         """Upload files (or folders); missing paths are skipped. Returns the names uploaded."""
@@ -475,3 +484,14 @@ def download_artifact(tracking: TrackingConfig, run_id: str, artifact: str) -> P
     return Path(client.download_artifacts(run_id, artifact, tempfile.mkdtemp(prefix="crdnd-ray-artifact-")))
 
 
+
+
+def latest_parent(client: MlflowClient, experiment_ids: list[str]) -> Any | None:
+    """The most recently started sweep or ablation parent run of these experiments (an MLflow ``Run``), or None."""
+    newest = None
+    for kind in ("sweep", "ablation"):
+        found = client.search_runs(experiment_ids, filter_string=f"tags.run_kind = '{kind}'",
+                                   order_by=["attributes.start_time DESC"], max_results=1)
+        if found and (newest is None or found[0].info.start_time > newest.info.start_time):
+            newest = found[0]
+    return newest

@@ -149,10 +149,10 @@ def killed_worker_run(ray_session, digits_teacher: Path, tmp_path_factory: pytes
 def test_killed_worker_resumes_from_the_checkpoint(killed_worker_run: dict):
     output = killed_worker_run["output"]
     assert (output / ".fault-injected").read_text().startswith("rank 1 killed at epoch 1")
-    assert [row["epoch"] for row in runs.read_metrics(output)] == [0, 1, 2]
+    assert [row["epoch"] for row in runs.read_metrics(output)] == [1, 2, 3]
     # Epoch 0 was reported before the failure; the new group resumed from its checkpoint at epoch 1.
     reports = [ranks[0] for ranks in killed_worker_run["reports"]]
-    assert [row["epoch"] for row in reports] == [0, 1, 2]
+    assert [row["epoch"] for row in reports] == [1, 2, 3]
     killed_at = (output / ".fault-injected").stat().st_mtime
     assert reports[0]["epoch_started_at"] < killed_at < reports[1]["epoch_started_at"]
     final = json.loads((output / "final_metrics.json").read_text())
@@ -176,7 +176,7 @@ def test_one_ray_train_worker_matches_the_local_loop(ray_session, digits_teacher
     run_distributed(cfg, tmp_path / "ray", digits_teacher)
 
     local, remote = (runs.read_metrics(tmp_path / name) for name in ("local", "ray"))
-    assert [row["epoch"] for row in remote] == [row["epoch"] for row in local] == [0, 1]
+    assert [row["epoch"] for row in remote] == [row["epoch"] for row in local] == [1, 2]
     for mine, theirs in zip(local, remote):
         assert set(mine) == set(theirs)
         for key in set(mine) - set(TIMING):
@@ -258,4 +258,4 @@ def test_a_dead_worker_without_retries_is_named_with_the_resume_command(ray_sess
     print(f"\n{message}")
     assert "the worker process of rank 1 died" in message and f"crdnd-ray train --resume {tmp_path / 'run'}" in message
     assert "scaling.max_failures" in message and "OOM" not in message
-    assert [row["epoch"] for row in runs.read_metrics(tmp_path / "run")] == [0], "the checkpointed epoch is kept"
+    assert [row["epoch"] for row in runs.read_metrics(tmp_path / "run")] == [1], "the checkpointed epoch is kept"

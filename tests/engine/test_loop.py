@@ -49,13 +49,13 @@ def test_resume_continues_an_interrupted_local_run(digits_teacher: Path, tmp_pat
 
     with pytest.raises(KeyboardInterrupt):
         run_training(cfg, interrupted, teacher, LoopContext(on_epoch_start=interrupt))
-    assert [row["epoch"] for row in runs.read_metrics(interrupted)] == [0, 1]
+    assert [row["epoch"] for row in runs.read_metrics(interrupted)] == [1, 2]
     assert not (interrupted / "final_metrics.json").exists()
 
     result = CliRunner().invoke(app, ["train", "--resume", str(interrupted)])
     assert result.exit_code == 0, result.output
     resumed = runs.read_metrics(interrupted)
-    assert [row["epoch"] for row in resumed] == [0, 1, 2, 3]
+    assert [row["epoch"] for row in resumed] == [1, 2, 3, 4]
     # The resumed run continues exactly where the interrupted one stopped (model, optimiser, schedule,
     # RNG and data order), so it matches the run that was never interrupted.
     for mine, theirs in zip(runs.read_metrics(straight), resumed):
@@ -81,7 +81,7 @@ def small_teacher(value: float | None = None) -> torch.nn.Module:
 def test_nan_loss_stops_training_naming_the_epoch_and_the_step_window(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "FINITE_CHECK_STEPS", 4)
     cfg = small_config(**QUICK, **{"method.name": "rslad"})
-    with pytest.raises(DivergedError, match=r"at epoch 0, between steps 0 and 3\. Lower train\.lr"):
+    with pytest.raises(DivergedError, match=r"at epoch 1, between steps 0 and 3\. Lower train\.lr"):
         run_training(cfg, tmp_path / "run", small_teacher(float("nan")), LoopContext())
     assert runs.read_metrics(tmp_path / "run") == []
 
@@ -89,7 +89,7 @@ def test_nan_loss_stops_training_naming_the_epoch_and_the_step_window(tmp_path, 
 def test_divergence_found_at_the_end_of_an_epoch_names_its_last_window(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "FINITE_CHECK_STEPS", 8)
     cfg = small_config(**QUICK, **{"method.name": "natural", "train.lr": 1e30, "train.max_steps_per_epoch": 13})
-    with pytest.raises(DivergedError, match=r"at epoch 0, between steps 0 and 7\."):
+    with pytest.raises(DivergedError, match=r"at epoch 1, between steps 0 and 7\."):
         run_training(cfg, tmp_path / "run", None, LoopContext())
 
 
@@ -97,11 +97,11 @@ def test_epoch_metrics_are_the_mean_of_finite_steps(tmp_path):
     cfg = small_config(**QUICK, **{"method.name": "rslad", "train.max_steps_per_epoch": 3})
     run_training(cfg, tmp_path / "run", small_teacher(), LoopContext())
     rows = runs.read_metrics(tmp_path / "run")
-    assert [row["epoch"] for row in rows] == [0, 1]
+    assert [row["epoch"] for row in rows] == [1, 2]
     for row in rows:
         assert {"loss", "kd_adv", "kd_nat", "adv_acc", "teacher_acc"} <= set(row)
         assert row["loss"] == pytest.approx(0.1 * (5 / 6 * row["kd_adv"] + 1 / 6 * row["kd_nat"]), rel=1e-5)
-        assert 0.0 <= row["adv_acc"] <= 1.0
+        assert 0.0 <= row["adv_acc"] <= 100.0 and 0.0 <= row["teacher_acc"] <= 100.0
 
 
 def test_a_training_set_smaller_than_one_batch_is_refused(tmp_path):
@@ -120,8 +120,8 @@ def test_resume_falls_back_to_the_previous_state_when_the_newest_is_torn(digits_
     result = CliRunner().invoke(app, ["train", "--resume", str(folder)])
     assert result.exit_code == 0, result.output
     assert "is unreadable (" in result.output and "resuming from the previous state instead (epoch 1)" in result.output
-    assert [row["epoch"] for row in runs.read_metrics(folder)] == [0, 1, 2]
-    assert runs.read_final(folder)["best_epoch"] in (0, 1, 2)
+    assert [row["epoch"] for row in runs.read_metrics(folder)] == [1, 2, 3]
+    assert runs.read_final(folder)["best_epoch"] in (1, 2, 3)
 
     for torn in (state, folder / runs.PREVIOUS_STATE_FILE):
         torn.write_bytes(b"torn")

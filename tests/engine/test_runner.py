@@ -25,7 +25,7 @@ def test_train_command_writes_checkpoints_metrics_and_final_metrics(tmp_path, di
     assert result.exit_code == 0, result.output
     run = tmp_path / "run"
     epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [row["epoch"] for row in epochs] == [0, 1]
+    assert [row["epoch"] for row in epochs] == [1, 2]
     assert {"loss", "kd_adv", "kd_nat", "contrast", "clean_acc", "pgd20_acc", "lr", "images_per_s"} <= set(epochs[0])
     final = json.loads((run / "final_metrics.json").read_text())
     for which in ("best", "last"):
@@ -90,7 +90,7 @@ def test_train_records_while_it_trains_and_resume_continues_the_same_mlflow_run(
     assert [r.info.run_id for r in client.search_runs([experiment.experiment_id])] == [run_id]
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["status"] == "finished"
-    assert sorted(p.step for p in client.get_metric_history(run_id, "pgd20_acc")) == [0, 1, 2, 3]
+    assert sorted(p.step for p in client.get_metric_history(run_id, "pgd20_acc")) == [1, 2, 3, 4]
     assert run.data.metrics["best_pgd20_acc"] == runs.read_final(folder)["best_pgd20_acc"]
 
 
@@ -120,4 +120,4 @@ def test_sigterm_ends_a_training_run_as_killed_and_resume_finishes_the_same_mlfl
     assert resumed.returncode == 0, resumed.stderr
     run = MlflowClient(uri).get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["status"] == "finished"
-    assert loss_steps(uri, run) == list(range(6))
+    assert loss_steps(uri, run) == list(range(1, 7))

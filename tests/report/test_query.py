@@ -129,13 +129,13 @@ def test_report_command_prints_the_latest_sweep_and_writes_files(store: dict, tm
     assert list(shown["run_id"]) == list(expected["run_id"])
     pd.testing.assert_frame_equal(shown, expected, check_dtype=False, check_exact=False)
     for name in ("history.png", "params.png", "pareto.png"):
-        assert_png(tmp_path / "report" / name)
-        assert f"wrote {Path('report') / name}" in printed
+        assert_png(tmp_path / "report" / "sweep-1" / name)
+        assert f"wrote {Path('report') / 'sweep-1' / name}" in printed
     assert not (tmp_path / "mlruns").exists()
 
     output = tmp_path / "out" / "sweep.parquet"
     report.report_command(EXPERIMENT, store["sweep"], ["best_pgd20_acc", "best_clean_acc"], "table", output,
-                          store["uri"])
+                          store["uri"], wide=True)
     printed = capsys.readouterr().out
     assert "sweep sweep-1" in printed and store["children"][0] in printed
     chosen = report.runs_frame(store["uri"], EXPERIMENT, parent_run_id=store["sweep"],
@@ -147,6 +147,26 @@ def test_report_command_prints_the_latest_sweep_and_writes_files(store: dict, tm
     report.report_command(EXPERIMENT, store["single"], None, "md", tmp_path / "single.md", store["uri"])
     lines = (tmp_path / "single.md").read_text().splitlines()
     assert len(lines) == 3 and store["single"] in lines[2]
+    assert not list(tmp_path.glob("single_*.png")), "no one-point plots for a single run"
+
+
+def test_the_terminal_table_fits_120_columns_ranks_by_the_metric_and_marks_the_best(
+        store: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.chdir(tmp_path)
+    report.report_command(EXPERIMENT, None, None, "table", None, store["uri"], width=120)
+    printed = capsys.readouterr().out
+    table = [line for line in printed.splitlines() if "│" in line or "┃" in line]
+    assert max(len(line) for line in printed.splitlines()) <= 120
+    assert not any(run_id in printed for run_id in store["children"]), "no 32-character run ids"
+    header = table[0]
+    assert "temperature" in header and "kind" in header and "best_pgd20_acc" in header
+    order = [next(name for name in ("trial-0", "trial-1", "trial-2", "trial-3") if name in line) for line in table[1:]]
+    assert order == ["trial-1", "trial-3", "trial-0", "trial-2"], "best first by best_pgd20_acc, unfinished last"
+    assert "★" in table[1] and sum("★" in line for line in table) == 1
+    assert "★ best by best_pgd20_acc (max)" in printed
+    report.report_command(EXPERIMENT, store["ablation"], None, "table", None, store["uri"], width=120)
+    assert (tmp_path / "report" / "sweep-1").is_dir() and not (tmp_path / "report" / "old-ablation").exists(), \
+        "each parent's plots in a folder of its own; none for a one-run report"
 
 
 def test_report_command_falls_back_to_top_level_runs(store: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

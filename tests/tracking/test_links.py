@@ -43,22 +43,28 @@ def test_a_saved_view_url_carries_only_its_key() -> None:
         ui_links.runs_url(SERVER, "7", view_key="bad key?")
 
 
-def test_sweep_view_tag_holds_the_ui_envelope() -> None:
-    view = ui_links.sweep_view(PARENT, ["method.temperature", "train.lr"], "pgd20_acc", created_ms=1234)
+def test_trials_view_tag_holds_the_ui_envelope() -> None:
+    view = ui_links.trials_view(PARENT, params=["method.temperature", "train.lr"],
+                                metrics=["pgd20_acc", "best_pgd20_acc"], created_ms=1234)
     assert view.key == f"sweep-{PARENT}" and view.tag_key == f"mlflow.sharedViewState.sweep-{PARENT}"
     envelope = json.loads(view.tag_value)
     assert envelope["createdAt"] == envelope["updatedAt"] == 1234 and isinstance(envelope["state"], str)
     state = json.loads(envelope["state"])
     assert state["searchFilter"] == ui_links.children_filter(PARENT)
-    assert state["orderByKey"] == "metrics.`best_pgd20_acc`" and state["orderByAsc"] is False
+    assert state["orderByKey"] == "metrics.`pgd20_acc`" and state["orderByAsc"] is False
     assert state["selectedColumns"] == ["tags.`status`", "params.`method.temperature`", "params.`train.lr`",
-                                        "metrics.`best_pgd20_acc`", "metrics.`pgd20_acc`"]
+                                        "metrics.`pgd20_acc`", "metrics.`best_pgd20_acc`"]
     assert set(state["selectedColumns"]) <= set(state["columnOrder"]) == set(state["columnWidths"])
     (chart,) = state["compareRunCharts"]
     assert chart["type"] == "PARALLEL" and chart["selectedMetrics"] == ["pgd20_acc"]
-    assert ui_links.sweep_view(PARENT, ["a"], "loss", "min").tag_value.count('\\"orderByAsc\\":true') == 1
+    assert ui_links.trials_view(PARENT, metrics=["loss"], mode="min").tag_value.count('\\"orderByAsc\\":true') == 1
+    ablation = ui_links.trials_view(PARENT, metrics=["best_pgd20_acc"], tags=("variant", "seed", "status"),
+                                    kind="ablation")
+    assert ablation.key == f"ablation-{PARENT}" and "compareRunCharts" not in json.loads(json.loads(ablation.tag_value)["state"])
     _, query = _hash_query(view.url(SERVER, "3"))
     assert query["viewStateShareKey"] == view.key
+    with pytest.raises(ValueError, match="at least one metric"):
+        ui_links.trials_view(PARENT, metrics=[])
 
 
 def test_compare_url_and_bad_input() -> None:
@@ -76,6 +82,7 @@ def test_compare_url_and_bad_input() -> None:
 
 
 def test_status_mapping_and_colour_tags() -> None:
-    assert ui_links.MLFLOW_STATUS == {"finished": "FINISHED", "stopped_early": "KILLED", "failed": "FAILED"}
+    assert ui_links.MLFLOW_STATUS == {"finished": "FINISHED", "stopped_early": "KILLED", "failed": "FAILED",
+                                     "killed": "KILLED"}
     assert ui_links.run_color_tags("stopped_early") == {"mlflow.runColor": ui_links.STOPPED_EARLY_COLOR}
     assert ui_links.run_color_tags("finished") == {} == ui_links.run_color_tags("failed")

@@ -40,7 +40,7 @@ def test_a_run_is_recorded_from_its_reports(sqlite_uri: str, tmp_path: Path) -> 
     write_run_folder(stopped, epochs=2, final=False)
     stopped_record = RunRecord.start(recorder, "train-stopped", flatten(cfg), {}, stopped)
     feed(stopped_record, stopped)
-    assert stopped_record.finish() == ("stopped_early", "The scheduler stopped the run after epoch 1.")
+    assert stopped_record.finish() == ("stopped_early", "The scheduler stopped the run after epoch 2.")
 
     client = MlflowClient(tracking_uri=normalize_tracking_uri(sqlite_uri))
     run = client.get_run(record.run_id)
@@ -49,9 +49,9 @@ def test_a_run_is_recorded_from_its_reports(sqlite_uri: str, tmp_path: Path) -> 
     expected = {key: (json.dumps(value) if isinstance(value, list) else str(value)) for key, value in flatten(cfg).items()}
     assert run.data.params == expected
     history = {m: sorted(client.get_metric_history(record.run_id, m), key=lambda p: p.step) for m in ("loss", "clean_acc")}
-    assert [(p.step, p.value) for p in history["loss"]] == [(0, 2.0), (1, 1.5), (2, 1.0)]
+    assert [(p.step, p.value) for p in history["loss"]] == [(1, 2.0), (2, 1.5), (3, 1.0)]
     assert [p.value for p in history["clean_acc"]] == [40.0, 50.0, 60.0]
-    assert run.data.metrics["best_clean_acc"] == 60.0 and run.data.metrics["best_epoch"] == 2.0
+    assert run.data.metrics["best_clean_acc"] == 60.0 and run.data.metrics["best_epoch"] == 3.0
     assert run.data.metrics["last_pgd20_acc"] == 29.0 and run.data.metrics["best_n_eval"] == 64.0
     assert "epoch_started_at" not in run.data.metrics and run.data.metrics["pgd20_best_so_far"] == 30.0
     assert len(client.get_metric_history(record.run_id, "best_pgd20_acc")) == 1
@@ -62,8 +62,9 @@ def test_a_run_is_recorded_from_its_reports(sqlite_uri: str, tmp_path: Path) -> 
     assert (stored / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     stopped_run = client.get_run(stopped_record.run_id)
-    assert stopped_run.data.tags["status"] == "stopped_early" and stopped_run.info.status == "FINISHED"
-    assert "after epoch 1" in stopped_run.data.tags["status_reason"]
+    assert stopped_run.data.tags["status"] == "stopped_early" and stopped_run.info.status == "KILLED"
+    assert stopped_run.data.tags["mlflow.runColor"] == "#b0b0b0", "greyed out in the UI's runs table"
+    assert "after epoch 2" in stopped_run.data.tags["status_reason"]
     assert not any(key.startswith("best_") for key in stopped_run.data.metrics)
     assert len(client.get_metric_history(stopped_record.run_id, "pgd20_acc")) == 2
     assert {item.path for item in client.list_artifacts(stopped_record.run_id)} == RUN_FILES - {"final_metrics.json"}
@@ -87,7 +88,7 @@ def test_a_reopened_run_logs_each_epoch_once_and_takes_final_metrics_from_its_fo
         again.report(row)
     assert again.finish() == ("finished", "")
     client = MlflowClient(tracking_uri=normalize_tracking_uri(sqlite_uri))
-    assert [p.step for p in sorted(client.get_metric_history(first.run_id, "loss"), key=lambda p: p.step)] == [0, 1, 2]
+    assert [p.step for p in sorted(client.get_metric_history(first.run_id, "loss"), key=lambda p: p.step)] == [1, 2, 3]
     run = client.get_run(first.run_id)
     assert run.info.status == "FINISHED" and "status_reason" not in run.data.tags
     assert run.data.metrics["best_pgd20_acc"] == 30.0

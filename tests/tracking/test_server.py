@@ -35,40 +35,51 @@ def test_serve_ui_warns_on_a_public_bind_and_refuses_a_busy_port(tmp_path: Path,
     assert not (tmp_path / "ui.db").exists()
 
 
-def test_serve_ui_prints_urls_and_stops_on_ctrl_c(sqlite_uri: str, tmp_path: Path) -> None:
+def _processes_mentioning(text: str) -> list[int]:
+    """PIDs of the processes whose command line contains ``text`` (read from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_ui_prints_the_runs_link_quietly_and_a_signal_stops_its_whole_process_tree(sqlite_uri: str, tmp_path: Path,
+                                                                                  stop: int) -> None:
     recorder = Recorder(TrackingConfig(uri=sqlite_uri), "shown")
     port = free_port()
-    code = ("import sys; from crdnd_ray.tracking.server import serve_ui; "
-            f"sys.exit(serve_ui(port={port}, tracking_uri='sqlite:///mlflow.db', experiment='shown'))")
-    with open(tmp_path / "ui.log", "w") as log:
-        process = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, stdout=subprocess.PIPE,
-                                   stderr=log, text=True)
+    with open(tmp_path / "ui.err", "w") as errors:
+        process = subprocess.Popen([sys.executable, "-m", "crdnd_ray.cli", "ui", "--port", str(port),
+                                    "--tracking-uri", "sqlite:///mlflow.db", "--experiment", "shown"],
+                                   cwd=tmp_path, stdout=subprocess.PIPE, stderr=errors, text=True)
     try:
         first = process.stdout.readline()
         second = process.stdout.readline()
         assert first.startswith(f"MLflow UI for sqlite:///{tmp_path / 'mlflow.db'} at http://127.0.0.1:{port}")
-        assert second.strip().endswith(f"http://127.0.0.1:{port}/#/experiments/{recorder.experiment_id}")
+        assert second.strip() == (f"experiment 'shown', all runs: http://127.0.0.1:{port}/#/experiments/"
+                                  f"{recorder.experiment_id}?workflowType=machine_learning")
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         with opener.open(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=shown",
                          timeout=10) as answer:
             assert json.loads(answer.read())["experiment"]["experiment_id"] == recorder.experiment_id
-        process.send_signal(signal.SIGINT)
+        assert len(_processes_mentioning(f"--port {port}")) >= 1
+        process.send_signal(stop)
         assert process.wait(30) == 0
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", port)) != 0:
-                    break
+        while time.monotonic() < deadline and _processes_mentioning(f"--port {port}"):
             time.sleep(0.2)
-        else:
-            pytest.fail("the MLflow server still listens after Ctrl-C")
+        assert not _processes_mentioning(f"--port {port}"), "a process of the server's tree outlived the UI"
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", port)) != 0, "the MLflow server still listens"
     finally:
         if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            process.kill()
+            process.wait()
+    assert (tmp_path / "ui.err").read_text() == "", "no warning at start: the server's own output is in its log"
+    assert (tmp_path / "mlflow-ui.log").stat().st_size > 0
     assert not (tmp_path / "mlruns").exists()
     assert os.path.exists(tmp_path / "mlflow.db")

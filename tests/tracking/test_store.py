@@ -89,7 +89,7 @@ def test_server_records_parent_children_metrics_and_artifacts(mlflow_server, tmp
         assert len([k for k in run.data.params if not k.startswith("sampled.")]) == len(params)
         for metric in ("loss", "loss_kd", "clean_acc", "pgd20_acc", "lr", "images_per_s"):
             history = client.get_metric_history(run.info.run_id, metric)
-            assert sorted(point.step for point in history) == list(range(RUN_EPOCHS)), metric
+            assert sorted(point.step for point in history) == list(range(1, RUN_EPOCHS + 1)), metric
         assert [p.value for p in sorted(client.get_metric_history(run.info.run_id, "pgd20_acc"),
                                         key=lambda p: p.step)] == [20.0 + index, 25.0 + index, 30.0 + index]
         assert run.data.metrics["best_pgd20_acc"] == 30.0 + index

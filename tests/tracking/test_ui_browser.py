@@ -58,7 +58,8 @@ def _fill_store(uri: str) -> tuple[str, str]:
             client.set_terminated(run, ui_links.MLFLOW_STATUS["stopped_early"])
     client.set_tag(parent, "status", "finished")
     client.set_terminated(parent, "FINISHED")
-    view = ui_links.sweep_view(parent, PARAMS, "pgd20_acc", created_ms=stamp)
+    view = ui_links.trials_view(parent, params=PARAMS, metrics=["best_pgd20_acc", "pgd20_acc"],
+                                chart_metric="pgd20_acc", created_ms=stamp)
     client.set_experiment_tag(experiment, view.tag_key, view.tag_value)
     return experiment, parent
 
