@@ -92,15 +92,21 @@ def wrap_data_parallel(module: torch.nn.Module, device: torch.device, world_size
 def worker_loop(config: dict[str, Any]) -> None:
     """``train_loop_per_worker``: run ``engine.loop`` on this rank and report every epoch to Ray Train.
 
-    After a worker failure Ray restarts the group with the last reported checkpoint, read in place
-    (``as_directory``: no copy when the storage is local, a temporary copy removed afterwards otherwise).
+    Nothing comes from the driver's disk: the teacher's weights arrive through Ray's object store; after a
+    worker failure Ray restarts the group with the last reported checkpoint, which rank 0 reads from Ray's
+    storage in place (``as_directory``: no copy when the storage is a local or shared folder, a temporary
+    copy otherwise) and the loop hands to the other ranks. Rank 0 records each rank's Ray node in the run
+    folder's ``placement.jsonl``.
     """
     cfg = RunConfig.model_validate(config["cfg"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     output_dir = Path(config["output_dir"])
-    teacher = load_teacher(cfg, Path(config["teacher_path"])).to(device) if config.get("teacher_path") else None
+    teacher = load_teacher(cfg, ray.get(config["teacher"])).to(device) if config.get("teacher") else None
+    nodes = _gather(ray.get_runtime_context().get_node_id(), world_size)
+    if rank == 0:
+        runs.add_placement(output_dir, nodes)
 
     def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
@@ -108,7 +114,7 @@ def worker_loop(config: dict[str, Any]) -> None:
 
     with contextlib.ExitStack() as stack:
         resume_from = Path(config["resume_from"]) if config.get("resume_from") else None
-        restored = ray.train.get_checkpoint()
+        restored = ray.train.get_checkpoint() if rank == 0 else None
         if restored is not None:
             resume_from = Path(stack.enter_context(restored.as_directory()))
         run_training(cfg, output_dir, teacher, LoopContext(
@@ -116,6 +122,17 @@ def worker_loop(config: dict[str, Any]) -> None:
             wrap=functools.partial(wrap_data_parallel, device=device, world_size=world_size),
             on_epoch_start=_fault_injector(config, output_dir, rank),
         ))
+
+
+def _gather(value: Any, world_size: int) -> list[Any]:
+    """``value`` of every rank, in rank order, over the process group."""
+    if world_size == 1:
+        return [value]
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def _fault_injector(config: dict[str, Any], output_dir: Path, rank: int) -> Callable[[int], None] | None:
@@ -149,15 +166,20 @@ def _fault_injector(config: dict[str, Any], output_dir: Path, rank: int) -> Call
     return maybe_die
 
 
-def build_trainer(cfg: RunConfig, output_dir: Path, teacher_path: Path | None, plan: ResourcePlan,
+def build_trainer(cfg: RunConfig, output_dir: Path, teacher: Path | bytes | None, plan: ResourcePlan,
                   name: str, callbacks: list | None = None, resume: bool = False,
                   extra_config: dict[str, Any] | None = None) -> ray.train.torch.TorchTrainer:
-    """A TorchTrainer that runs ``cfg`` with ``plan``'s workers and writes everything under ``output_dir``."""
+    """A TorchTrainer that runs ``cfg`` with ``plan``'s workers and writes everything under ``output_dir``.
+
+    ``teacher`` (a checkpoint file or its bytes) is put into Ray's object store once for all workers.
+    """
     output_dir = Path(output_dir).resolve()
     state = output_dir / runs.STATE_DIR
     resume_from = state if resume and (state / runs.STATE_FILE).exists() else None
+    if isinstance(teacher, (str, Path)):
+        teacher = Path(teacher).read_bytes()
     loop_config = {"cfg": cfg.run_dict(), "output_dir": str(output_dir),
-                   "teacher_path": str(Path(teacher_path).resolve()) if teacher_path else None,
+                   "teacher": ray.put(teacher) if teacher is not None else None,
                    "resume_from": str(resume_from) if resume_from else None, **(extra_config or {})}
     return ray.train.torch.TorchTrainer(
         worker_loop,

@@ -118,26 +118,31 @@ def trial_status(trial: Any) -> tuple[str, str]:
     return runs.run_status(loop_report(trial.last_result), ended=trial.status in ("TERMINATED", "ERROR"), error=error)
 
 
-def _trial_function(config: dict[str, Any], base: dict[str, Any], folder: str, teacher_path: str | None,
+def _trial_function(config: dict[str, Any], base: dict[str, Any], folder: str, teacher: bytes | None,
                     plan: ResourcePlan, overrides: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
-    """The Tune function trainable: train one trial in-process or as a Ray Train run."""
+    """The Tune function trainable: train one trial in-process or as a Ray Train run.
+
+    ``teacher`` holds the teacher checkpoint's bytes, which reach the trial through Ray's object store
+    (``tune.with_parameters``), so a trial on another machine needs no copy of the driver's file.
+    """
     cfg = RunConfig.model_validate(base).with_overrides(overrides(config), source="the trial's parameters")
     output_dir = Path(folder) / "trials" / tune.get_context().get_trial_id()
     runs.write_config(output_dir, cfg)
     if plan.in_process:
+        runs.add_placement(output_dir, [ray.get_runtime_context().get_node_id()])
         restored = tune.get_checkpoint()
-        teacher = load_teacher(cfg, Path(teacher_path)) if teacher_path else None
+        teacher_model = load_teacher(cfg, teacher) if teacher else None
 
         def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
             checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
             tune.report(metrics, checkpoint=checkpoint)
 
         resume_from = Path(restored.to_directory()) if restored is not None else None
-        run_training(cfg, output_dir, teacher, LoopContext(report=report, resume_from=resume_from))
+        run_training(cfg, output_dir, teacher_model, LoopContext(report=report, resume_from=resume_from))
         return
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    trainer = build_trainer(cfg, output_dir, Path(teacher_path) if teacher_path else None, plan,
+    trainer = build_trainer(cfg, output_dir, teacher, plan,
                             name=f"train-trial_id={tune.get_context().get_trial_id()}",
                             callbacks=[TuneReportCallback()], resume=True)
     trainer.fit()
@@ -267,7 +272,7 @@ def run_trials(cfg: RunConfig, folder: Path, *, kind: str, param_space: dict[str
         callbacks.append(TrialRecorder(recorder, parent_id, kind, spec, cfg.run_dict(), folder))
     trainable = tune.with_resources(
         tune.with_parameters(_trial_function, base=cfg.run_dict(), folder=str(folder),
-                             teacher_path=str(teacher_path.resolve()) if teacher_path else None, plan=plan,
+                             teacher=Path(teacher_path).read_bytes() if teacher_path else None, plan=plan,
                              overrides=spec.overrides),
         plan.trial_resources,
     )
@@ -276,7 +281,7 @@ def run_trials(cfg: RunConfig, folder: Path, *, kind: str, param_space: dict[str
             f"{'trains in the Tune trial' if in_process else 'Ray Train per trial'}")
     started = time.perf_counter()
     run_config = tune.RunConfig(name=kind, storage_path=str(tune_dir), callbacks=callbacks, verbose=0,
-                                failure_config=tune.FailureConfig(max_failures=0))
+                                failure_config=tune.FailureConfig(max_failures=cfg.scaling.max_failures))
     if resume and tune.Tuner.can_restore(str(tune_dir / kind)):
         tuner = tune.Tuner.restore(str(tune_dir / kind), trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
