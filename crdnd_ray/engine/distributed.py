@@ -15,6 +15,7 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
+import torch.distributed as dist
 from ray.train import UserCallback
 from torch.nn.parallel import DistributedDataParallel
 
@@ -29,6 +30,7 @@ __all__ = [
     "TrainingFailed",
     "build_trainer",
     "init_ray",
+    "node_cpus",
     "root_cause",
     "run_distributed",
     "worker_loop",
@@ -48,6 +50,11 @@ def init_ray(scaling: ScalingConfig, log_to_driver: bool = True) -> dict[str, fl
         else:
             _start_local_ray(log_to_driver)
     return {key: float(value) for key, value in ray.cluster_resources().items()}
+
+
+def node_cpus() -> list[float]:
+    """The CPUs of each live node of the connected Ray cluster."""
+    return [float(node["Resources"].get("CPU", 0.0)) for node in ray.nodes() if node["Alive"]]
 
 
 def _start_local_ray(log_to_driver: bool) -> None:
@@ -128,8 +135,6 @@ def _gather(value: Any, world_size: int) -> list[Any]:
     """``value`` of every rank, in rank order, over the process group."""
     if world_size == 1:
         return [value]
-    import torch.distributed as dist
-
     gathered: list[Any] = [None] * world_size
     dist.all_gather_object(gathered, value)
     return gathered
@@ -153,7 +158,6 @@ def _fault_injector(config: dict[str, Any], output_dir: Path, rank: int) -> Call
     def maybe_die(epoch: int) -> None:
         if epoch != kill_epoch or marker.exists():
             return
-        import torch.distributed as dist
         from ray.train.v2._internal.execution.context import get_train_context
 
         get_train_context().get_result_queue().join()
@@ -218,7 +222,7 @@ def run_distributed(cfg: RunConfig, output_dir: Path, teacher_path: Path | None,
     ``report`` receives every epoch's metrics as the loop reported them (see :class:`RecordingCallback`).
     """
     cluster = init_ray(cfg.scaling)
-    plan = plan_resources(cfg.scaling, cluster)
+    plan = plan_resources(cfg.scaling, cluster, node_cpus=node_cpus())
     trainer = build_trainer(cfg, output_dir, teacher_path, plan, name="train", resume=resume,
                             callbacks=[RecordingCallback(report)] if report is not None else None,
                             extra_config=extra_config)

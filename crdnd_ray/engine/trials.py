@@ -21,7 +21,7 @@ from ray import tune
 
 from crdnd_ray import runs
 from crdnd_ray.config import RunConfig, flatten
-from crdnd_ray.engine.distributed import TrainingFailed, build_trainer, init_ray, root_cause
+from crdnd_ray.engine.distributed import TrainingFailed, build_trainer, init_ray, node_cpus, root_cause
 from crdnd_ray.engine.loop import LoopContext, run_training
 from crdnd_ray.engine.resources import ResourcePlan, plan_resources
 from crdnd_ray.engine.teachers import load_teacher
@@ -263,7 +263,8 @@ def run_trials(cfg: RunConfig, folder: Path, *, kind: str, param_space: dict[str
     folder = Path(folder).resolve()
     cluster = init_ray(cfg.scaling, log_to_driver=False)
     in_process = cfg.scaling.num_workers == 1 and cfg.scaling.in_process_single_worker
-    plan = plan_resources(cfg.scaling, cluster, concurrent_trials=max_concurrent, in_process=in_process)
+    plan = plan_resources(cfg.scaling, cluster, concurrent_trials=max_concurrent, in_process=in_process,
+                          node_cpus=node_cpus())
     _link_ray_logs(folder)
     recorder, parent_id = _start_parent(cfg, folder, kind, resume, parent_params or {})
     total = _expected_trials(param_space, num_samples)
@@ -370,7 +371,8 @@ def plan_trials(cfg: RunConfig, kind: str, trials: int, max_concurrent: int,
     """Size ``trials`` trials of ``cfg`` against the cluster without starting anything heavy."""
     in_process = cfg.scaling.num_workers == 1 and cfg.scaling.in_process_single_worker
     cluster = _cluster_for_planning(cfg, max_concurrent)
-    plan = plan_resources(cfg.scaling, cluster, concurrent_trials=max_concurrent, in_process=in_process)
+    plan = plan_resources(cfg.scaling, cluster, concurrent_trials=max_concurrent, in_process=in_process,
+                          node_cpus=node_cpus() if ray.is_initialized() else None)
     return TrialsPlan(kind=kind, trials=trials, concurrent=plan.concurrent, resources=plan.describe(),
                       in_process=in_process, epochs=cfg.train.epochs,
                       details={**(details or {}), "cluster": cluster, "warnings": _plan_warnings(cfg)})
