@@ -23,10 +23,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def measure(in_process: bool, trials: int, concurrent: int) -> dict:
-    """Run ``trials`` one-step trials and time them from the driver's side."""
+def measure(mode: str, overrides: dict, trials: int, concurrent: int) -> dict:
+    """Run ``trials`` one-step trials of the digits default with ``overrides`` and time them from the driver's
+    side; ``nodes`` lists each trial's Ray node ids by rank (its first start in ``placement.jsonl``)."""
     from ray import tune
 
+    from crdnd_ray import runs
     from crdnd_ray.config import load_config
     from crdnd_ray.engine.trials import TrialSpec, run_trials
     from crdnd_ray.engine.teachers import prepare_teacher
@@ -34,7 +36,7 @@ def measure(in_process: bool, trials: int, concurrent: int) -> dict:
     cfg = load_config(REPO / "search_spaces" / "digits.yaml", {
         "tracking.enabled": False, "train.epochs": 1, "train.max_steps_per_epoch": 1,
         "eval.epoch_limit": 8, "eval.final_limit": 8, "eval.final_attacks": ["clean"],
-        "teacher.training.epochs": 2, "scaling.in_process_single_worker": in_process,
+        "teacher.training.epochs": 2, **overrides,
     })
     teacher = prepare_teacher(cfg)
     events: dict[str, dict[str, float]] = {}
@@ -57,12 +59,12 @@ def measure(in_process: bool, trials: int, concurrent: int) -> dict:
                    spec=spec, num_samples=1, max_concurrent=concurrent, metrics=["pgd20_acc"], modes=["max"],
                    teacher_path=teacher, printer=lambda line: None, extra_callbacks=[Timer()])
         wall = time.perf_counter() - started
+        nodes = [runs.read_placements(trial)[0]["nodes"] for trial in sorted(Path(folder).glob("trials/*"))]
     startup = [e["first_report"] - e["start"] for e in events.values() if "first_report" in e]
     total = [e["end"] - e["start"] for e in events.values() if "end" in e]
-    return {"mode": "in-process trial" if in_process else "Ray Train run per trial", "trials": trials,
-            "concurrent": concurrent, "sweep_wall_s": round(wall, 2),
+    return {"mode": mode, "trials": trials, "concurrent": concurrent, "sweep_wall_s": round(wall, 2),
             "startup_to_first_report_s_median": round(statistics.median(startup), 2),
-            "trial_wall_s_median": round(statistics.median(total), 2)}
+            "trial_wall_s_median": round(statistics.median(total), 2), "nodes": nodes}
 
 
 def main() -> None:
@@ -74,7 +76,8 @@ def main() -> None:
     import ray
     import torch
 
-    rows = [measure(False, args.trials, args.concurrent), measure(True, args.trials, args.concurrent)]
+    rows = [measure(mode, {"scaling.in_process_single_worker": in_process}, args.trials, args.concurrent)
+            for mode, in_process in (("Ray Train run per trial", False), ("in-process trial", True))]
     print(f"{'mode':28s} {'sweep wall s':>12s} {'start-up s (median)':>20s} {'trial wall s (median)':>22s}")
     for row in rows:
         print(f"{row['mode']:28s} {row['sweep_wall_s']:12.2f} {row['startup_to_first_report_s_median']:20.2f} "

@@ -6,6 +6,7 @@ Every file is read with ``torch.load(weights_only=True)``, so a checkpoint can n
 from __future__ import annotations
 
 import inspect
+import io
 import pickle
 import re
 from pathlib import Path
@@ -53,20 +54,27 @@ def save_model(path: str | Path, model: nn.Module, arch: str, kwargs: dict[str, 
     return path
 
 
-def _unreadable(path: Path, error: BaseException | str) -> str:
+def _name(path: str | Path | bytes) -> str:
+    """How messages name a checkpoint: its path, or where its bytes came from."""
+    return "<checkpoint bytes received through Ray or from rank 0>" if isinstance(path, bytes) else str(path)
+
+
+def _unreadable(path: str, error: BaseException | str) -> str:
     problem = error if isinstance(error, str) else f"{type(error).__name__}: {str(error).splitlines()[0]}"
     return (f"The checkpoint '{path}' could not be read ({problem}). "
             "The file is corrupt, truncated, or not a PyTorch weights file; re-create or re-download it.")
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint file safely (``weights_only=True``), with clear errors."""
-    path = Path(path)
-    if not path.is_file():
+def read_checkpoint(path: str | Path | bytes) -> dict[str, Any]:
+    """Load a checkpoint safely (``weights_only=True``), with clear errors: a file, or a file's bytes (as
+    they reach Ray workers through the object store or a process group)."""
+    source: Any = io.BytesIO(path) if isinstance(path, bytes) else Path(path)
+    path = _name(path)
+    if isinstance(source, Path) and not source.is_file():
         raise CheckpointError(f"The checkpoint '{path}' does not exist. Check the path (train one with "
                               "'crdnd-ray teacher' or 'crdnd-ray train').")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         code = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
         if code is None:
@@ -124,16 +132,17 @@ def _effective_kwargs(arch: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     return {**defaults, **kwargs}
 
 
-def load_model(path: str | Path, *, arch: str | None = None, kwargs: dict[str, Any] | None = None,
+def load_model(path: str | Path | bytes, *, arch: str | None = None, kwargs: dict[str, Any] | None = None,
                num_classes: int | None = None, in_channels: int | None = None, checkpoint_format: str = "crdnd",
                mean: list[float] | None = None, std: list[float] | None = None) -> nn.Module:
-    """Build a model and load its weights from ``path``.
+    """Build a model and load its weights from ``path`` (a file, or its bytes).
 
     A crdnd-ray checkpoint describes its own architecture; the arguments, when given, must agree with it.
     A RobustBench state dict needs ``arch``/``kwargs``/``num_classes`` from the config. ``mean``/``std``
     wrap the model in an input normalisation.
     """
     payload = read_checkpoint(path)
+    path = _name(path)
     if checkpoint_format == "robustbench":
         state_dict, normalisation = _robustbench_state_dict(payload)
         if normalisation and mean is None:

@@ -1,4 +1,4 @@
-"""The ``crdnd-ray`` command line: train, teacher, evaluate, sweep, ablate, report, ui."""
+"""The ``crdnd-ray`` command line: train, teacher, evaluate, sweep, ablate, report, ui, server."""
 
 from __future__ import annotations
 
@@ -370,6 +370,21 @@ def ui(
     from crdnd_ray.tracking.server import serve_ui
 
     raise typer.Exit(serve_ui(port=port, host=host, tracking_uri=tracking_uri, experiment=experiment))
+
+
+@app.command()
+def server(
+    folder: Path = typer.Argument(..., help="Folder for PostgreSQL's data, the artifacts and the logs (made on first use)."),
+    port: int = typer.Option(5000, "--port", help="Port of the MLflow server."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Bind address (loopback unless you ask otherwise)."),
+    allowed_hosts: Optional[str] = typer.Option(
+        None, "--allowed-hosts", help="Host headers to accept, comma-separated (MLflow's --allowed-hosts), e.g. "
+        "'mlflow:*,localhost:*' when clients use the name 'mlflow'."),
+) -> None:
+    """Run an MLflow tracking server on PostgreSQL, serving artifacts, until Ctrl-C."""
+    from crdnd_ray.tracking.postgres import serve
+
+    raise typer.Exit(serve(folder, port=port, host=host, allowed_hosts=allowed_hosts))
 
 
 def main() -> None:

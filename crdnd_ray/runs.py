@@ -9,7 +9,8 @@ A **run folder** (the output of ``crdnd-ray train``, or ``trials/<trial id>/`` i
   and the last checkpoint; it exists exactly when the run finished;
 - ``best.pt`` and ``last.pt``: student checkpoints; ``checkpoint/state.pt``: the full training state to resume,
   and ``state.previous.pt``: the one before it, in case the newest is torn by a crash;
-- ``run.json``: facts for the tracking store (the MLflow run id and URI), so a resumed run continues its run.
+- ``run.json``: facts for the tracking store (the MLflow run id and URI), so a resumed run continues its run;
+- ``placement.jsonl``: where the run ran on Ray, one line per start or restart: the Ray node id of each rank.
 
 A **sweep or ablation folder** holds ``config.yaml``, ``run.json`` (the MLflow parent run and the kind),
 ``trials/<trial id>/`` run folders and the result tables.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -37,17 +39,20 @@ __all__ = [
     "FINAL_FILE",
     "LAST_CHECKPOINT",
     "METRICS_FILE",
+    "PLACEMENT_FILE",
     "RUN_INFO_FILE",
     "RunStatus",
     "PREVIOUS_STATE_FILE",
     "STATE_DIR",
     "STATE_FILE",
+    "add_placement",
     "flatten_final",
     "is_final",
     "last_report",
     "read_config",
     "read_final",
     "read_metrics",
+    "read_placements",
     "read_run_info",
     "read_state",
     "run_status",
@@ -67,6 +72,7 @@ STATE_DIR = "checkpoint"
 STATE_FILE = "state.pt"
 PREVIOUS_STATE_FILE = "state.previous.pt"
 RUN_INFO_FILE = "run.json"
+PLACEMENT_FILE = "placement.jsonl"
 ARTIFACT_FILES = (CONFIG_FILE, BEST_CHECKPOINT, FINAL_FILE, METRICS_FILE)
 """The files of a run folder that are uploaded to the tracking store when the run ends (when present)."""
 
@@ -97,7 +103,11 @@ def read_config(folder: Path) -> RunConfig:
 
 def read_metrics(folder: Path) -> list[dict[str, Any]]:
     """The per-epoch rows of ``metrics.jsonl``; lines that do not parse (a torn last line) are skipped."""
-    path = Path(folder) / METRICS_FILE
+    return _read_jsonl(Path(folder) / METRICS_FILE)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a file with one per line, skipping lines that do not parse (a torn last line)."""
     if not path.is_file():
         return []
     rows = []
@@ -244,3 +254,17 @@ def read_state(checkpoint_dir: Path, progress: Callable[[str], None] | None = No
         f"No training state to resume from: {'; '.join(problems)}. Start the run again without --resume, in a "
         "new output folder."
     )
+
+
+def add_placement(folder: Path, node_ids: list[str]) -> None:
+    """Append one start of the run to ``placement.jsonl``: the time and the Ray node id of each rank, in rank
+    order (written by rank 0, which gathers the others' over the process group)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / PLACEMENT_FILE, "a") as handle:
+        handle.write(json.dumps({"started_at": time.time(), "nodes": list(node_ids)}) + "\n")
+
+
+def read_placements(folder: Path) -> list[dict[str, Any]]:
+    """Every start of the run in ``placement.jsonl``, oldest first (``started_at``, ``nodes`` by rank)."""
+    return _read_jsonl(Path(folder) / PLACEMENT_FILE)

@@ -207,7 +207,8 @@ def test_ray_up_file_passes_rays_own_schema_and_validation(cluster: dict[str, An
         jsonschema.validate(typo, schema)
 
 
-def test_ray_up_file_has_gpu_workers_and_installs_the_project(cluster: dict[str, Any]) -> None:
+def test_ray_up_file_has_gpu_workers_and_installs_the_project(cluster: dict[str, Any],
+                                                               cli_commands: dict[str, Any]) -> None:
     types = cluster["available_node_types"]
     head = types[cluster["head_node_type"]]
     assert head["resources"].get("CPU", 1) == 0 and head["resources"].get("GPU", 0) == 0
@@ -220,7 +221,11 @@ def test_ray_up_file_has_gpu_workers_and_installs_the_project(cluster: dict[str,
     import ray
 
     assert f"ray[default,tune,train]=={ray.__version__}" in setup, "pin the cluster's Ray to the local one"
-    assert any("crdnd_ray.pgserver" in line for line in cluster["head_start_ray_commands"])
+    server = re.findall(r"crdnd-ray (server [^>]*?) >", "\n".join(cluster["head_start_ray_commands"]))
+    assert len(server) == 1
+    words = shlex.split(server[0])
+    options = {opt for param in cli_commands["server"].params for opt in getattr(param, "opts", [])}
+    assert words[:3] == ["server", "/home/ubuntu/mlflow", "--port"] and set(words[2::2]) <= options, words
 
 
 def _sweep_commands(text: str) -> list[str]:

@@ -15,6 +15,7 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
+import torch.distributed as dist
 from ray.train import UserCallback
 from torch.nn.parallel import DistributedDataParallel
 
@@ -31,6 +32,7 @@ __all__ = [
     "build_trainer",
     "describe_failure",
     "init_ray",
+    "node_cpus",
     "root_cause",
     "run_distributed",
     "worker_loop",
@@ -51,6 +53,11 @@ def init_ray(scaling: ScalingConfig, log_to_driver: bool = True) -> dict[str, fl
             _start_local_ray(log_to_driver)
         interrupt_on_sigterm()
     return {key: float(value) for key, value in ray.cluster_resources().items()}
+
+
+def node_cpus() -> list[float]:
+    """The CPUs of each live node of the connected Ray cluster."""
+    return [float(node["Resources"].get("CPU", 0.0)) for node in ray.nodes() if node["Alive"]]
 
 
 def _start_local_ray(log_to_driver: bool) -> None:
@@ -95,15 +102,21 @@ def wrap_data_parallel(module: torch.nn.Module, device: torch.device, world_size
 def worker_loop(config: dict[str, Any]) -> None:
     """``train_loop_per_worker``: run ``engine.loop`` on this rank and report every epoch to Ray Train.
 
-    After a worker failure Ray restarts the group with the last reported checkpoint, read in place
-    (``as_directory``: no copy when the storage is local, a temporary copy removed afterwards otherwise).
+    Nothing comes from the driver's disk: the teacher's weights arrive through Ray's object store; after a
+    worker failure Ray restarts the group with the last reported checkpoint, which rank 0 reads from Ray's
+    storage in place (``as_directory``: no copy when the storage is a local or shared folder, a temporary
+    copy otherwise) and the loop hands to the other ranks. Rank 0 records each rank's Ray node in the run
+    folder's ``placement.jsonl``.
     """
     cfg = RunConfig.model_validate(config["cfg"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     output_dir = Path(config["output_dir"])
-    teacher = load_teacher(cfg, Path(config["teacher_path"])).to(device) if config.get("teacher_path") else None
+    teacher = load_teacher(cfg, ray.get(config["teacher"])).to(device) if config.get("teacher") else None
+    nodes = _gather(ray.get_runtime_context().get_node_id(), world_size)
+    if rank == 0:
+        runs.add_placement(output_dir, nodes)
 
     def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
@@ -111,7 +124,7 @@ def worker_loop(config: dict[str, Any]) -> None:
 
     with contextlib.ExitStack() as stack:
         resume_from = Path(config["resume_from"]) if config.get("resume_from") else None
-        restored = ray.train.get_checkpoint()
+        restored = ray.train.get_checkpoint() if rank == 0 else None
         if restored is not None:
             resume_from = Path(stack.enter_context(restored.as_directory()))
         run_training(cfg, output_dir, teacher, LoopContext(
@@ -119,6 +132,15 @@ def worker_loop(config: dict[str, Any]) -> None:
             wrap=functools.partial(wrap_data_parallel, device=device, world_size=world_size),
             on_epoch_start=_fault_injector(config, output_dir, rank),
         ))
+
+
+def _gather(value: Any, world_size: int) -> list[Any]:
+    """``value`` of every rank, in rank order, over the process group."""
+    if world_size == 1:
+        return [value]
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def _fault_injector(config: dict[str, Any], output_dir: Path, rank: int) -> Callable[[int], None] | None:
@@ -139,7 +161,6 @@ def _fault_injector(config: dict[str, Any], output_dir: Path, rank: int) -> Call
     def maybe_die(epoch: int) -> None:
         if epoch != kill_epoch or marker.exists():
             return
-        import torch.distributed as dist
         from ray.train.v2._internal.execution.context import get_train_context
 
         get_train_context().get_result_queue().join()
@@ -152,15 +173,20 @@ def _fault_injector(config: dict[str, Any], output_dir: Path, rank: int) -> Call
     return maybe_die
 
 
-def build_trainer(cfg: RunConfig, output_dir: Path, teacher_path: Path | None, plan: ResourcePlan,
+def build_trainer(cfg: RunConfig, output_dir: Path, teacher: Path | bytes | None, plan: ResourcePlan,
                   name: str, callbacks: list | None = None, resume: bool = False,
                   extra_config: dict[str, Any] | None = None) -> ray.train.torch.TorchTrainer:
-    """A TorchTrainer that runs ``cfg`` with ``plan``'s workers and writes everything under ``output_dir``."""
+    """A TorchTrainer that runs ``cfg`` with ``plan``'s workers and writes everything under ``output_dir``.
+
+    ``teacher`` (a checkpoint file or its bytes) is put into Ray's object store once for all workers.
+    """
     output_dir = Path(output_dir).resolve()
     state = output_dir / runs.STATE_DIR
     resume_from = state if resume and (state / runs.STATE_FILE).exists() else None
+    if isinstance(teacher, (str, Path)):
+        teacher = Path(teacher).read_bytes()
     loop_config = {"cfg": cfg.run_dict(), "output_dir": str(output_dir),
-                   "teacher_path": str(Path(teacher_path).resolve()) if teacher_path else None,
+                   "teacher": ray.put(teacher) if teacher is not None else None,
                    "resume_from": str(resume_from) if resume_from else None, **(extra_config or {})}
     return ray.train.torch.TorchTrainer(
         worker_loop,
@@ -199,7 +225,7 @@ def run_distributed(cfg: RunConfig, output_dir: Path, teacher_path: Path | None,
     ``report`` receives every epoch's metrics as the loop reported them (see :class:`RecordingCallback`).
     """
     cluster = init_ray(cfg.scaling)
-    plan = plan_resources(cfg.scaling, cluster)
+    plan = plan_resources(cfg.scaling, cluster, node_cpus=node_cpus())
     trainer = build_trainer(cfg, output_dir, teacher_path, plan, name="train", resume=resume,
                             callbacks=[RecordingCallback(report)] if report is not None else None,
                             extra_config=extra_config)

@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from crdnd_ray import attacks, runs
-from crdnd_ray.checkpoints import load_model, save_model, unwrap
+from crdnd_ray.checkpoints import load_model, read_checkpoint, save_model, unwrap
 from crdnd_ray.config import ConfigError, RunConfig, check_batch_split
 from crdnd_ray.data import build_datasets
 from crdnd_ray.graphs import AttackRunner, RunnerSource
@@ -62,9 +62,10 @@ class LoopContext:
 
     ``report(metrics, checkpoint_dir)`` is called once per epoch on every rank; ``checkpoint_dir`` is the
     run's ``checkpoint/`` folder holding the full training state ``state.pt`` (rank 0) or None (other
-    ranks). ``resume_from`` is such a folder to continue from. ``wrap`` turns the distiller into its
-    data-parallel form (DDP) or leaves it as is. ``on_epoch_start(epoch)`` runs before each epoch (fault
-    injection in tests).
+    ranks). ``resume_from`` is such a folder to continue from; only rank 0 reads it and sends the state to
+    the other ranks over the process group (as it does the checkpoints of the final evaluation), so no
+    other rank reads the run folder. ``wrap`` turns the distiller into its data-parallel form (DDP) or
+    leaves it as is. ``on_epoch_start(epoch)`` runs before each epoch (fault injection in tests).
     """
 
     rank: int = 0
@@ -243,15 +244,16 @@ def run_training(cfg: RunConfig, output_dir: Path, teacher: nn.Module | None,
                                 momentum=cfg.train.momentum, nesterov=cfg.train.nesterov)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg))
     start_epoch, best_score, history = 0, -math.inf, []
-    if context.resume_from is not None:
-        state = runs.read_state(Path(context.resume_from), context.progress if is_main else None)
+    state = _from_rank0(context, lambda: runs.read_state(Path(context.resume_from), context.progress)
+                        if context.resume_from is not None else None)
+    if state is not None:
         unwrap(distiller.student).load_state_dict(state["student"])
         distiller.extras.load_state_dict(state["extras"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         start_epoch, best_score = state["epoch"] + 1, state["best_score"]
-        history = [row for row in runs.read_metrics(output_dir) if row["epoch"] <= start_epoch]
+        history = [row for row in runs.read_metrics(output_dir) if row["epoch"] <= start_epoch] if is_main else []
     runners = RunnerSource(cfg.train.cuda_graphs, device, context.progress if is_main else None,
                            collectives_in_attack=cfg.scaling.sync_batchnorm and context.world_size > 1
                            and distiller.attack_bn_mode == "train")
@@ -344,22 +346,33 @@ def run_training(cfg: RunConfig, output_dir: Path, teacher: nn.Module | None,
     return (runs.read_final(output_dir) or {}) if is_main else {}
 
 
+def _from_rank0(context: LoopContext, read: Callable[[], Any]) -> Any:
+    """``read()`` on rank 0, handed to every other rank over the process group (they read nothing from disk:
+    on a cluster the run folder may be on rank 0's machine only)."""
+    value = [read() if context.rank == 0 else None]
+    if _distributed():
+        dist.broadcast_object_list(value, src=0, device=context.device if context.device.type == "cuda" else None)
+    return value[0]
+
+
 def _final_evaluation(cfg: RunConfig, output_dir: Path, test_set: Dataset, context: LoopContext,
                       runners: RunnerSource) -> dict[str, Any]:
-    """Run the attack suite on the best and last checkpoints; return ``best_*``/``last_*`` and ``best_epoch``."""
-    if _distributed():
-        dist.barrier()
+    """Run the attack suite on the best and last checkpoints; return ``best_*``/``last_*`` and ``best_epoch``.
+
+    Rank 0 reads both checkpoints from the run folder and broadcasts them; each rank evaluates its shard.
+    """
+    saved = _from_rank0(context, lambda: {which: (output_dir / name).read_bytes() for which, name in
+                                          (("best", runs.BEST_CHECKPOINT), ("last", runs.LAST_CHECKPOINT))})
     results: dict[str, dict[str, float]] = {}
     for which in ("best", "last"):
-        checkpoint = runs.BEST_CHECKPOINT if which == "best" else runs.LAST_CHECKPOINT
-        model = load_model(output_dir / checkpoint).to(context.device)
+        model = load_model(saved[which]).to(context.device)
         if context.progress and context.rank == 0:
             context.progress(f"final evaluation of the {which} checkpoint: {', '.join(cfg.eval.final_attack_names)}")
         results[which] = evaluate_distributed(model, test_set, cfg.eval.final_attack_names, eps=cfg.eval.eps,
                                               limit=cfg.eval.final_limit, batch_size=cfg.data.eval_batch_size,
                                               rank=context.rank, world_size=context.world_size,
                                               device=context.device, runner=runners())
-    best_epoch = torch.load(output_dir / runs.BEST_CHECKPOINT, map_location="cpu", weights_only=True)["epoch"]
+    best_epoch = read_checkpoint(saved["best"])["epoch"]
     final = {"best": results["best"], "last": results["last"], "best_epoch": best_epoch}
     if context.rank == 0:
         return runs.write_final(output_dir, results["best"], results["last"], best_epoch)

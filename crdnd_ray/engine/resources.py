@@ -41,11 +41,13 @@ class ResourcePlan:
 
 
 def plan_resources(scaling: ScalingConfig, cluster: dict[str, float], concurrent_trials: int = 1,
-                   in_process: bool = False) -> ResourcePlan:
+                   in_process: bool = False, node_cpus: list[float] | None = None) -> ResourcePlan:
     """Size the requests of ``concurrent_trials`` trials of ``scaling.num_workers`` workers from ``cluster``.
 
     Unset ``resources_per_worker`` are sized so that all concurrent trials fit at once: fractional CPUs
-    on small machines (a whole request per trial would starve the workers); on GPUs, one GPU per worker,
+    on small machines (a whole request per trial would starve the workers), and with ``node_cpus`` (the CPUs
+    of each node of a cluster) small enough that the workers spread over the smallest nodes still fit beside
+    the trial drivers (a worker cannot span two nodes); on GPUs, one GPU per worker,
     except that single-worker trials take ``1 / scaling.trials_per_gpu`` of one (``auto``: enough packing
     for ``concurrent_trials`` to run at once, at most :data:`AUTO_TRIALS_PER_GPU` per GPU). An
     ``in_process`` trial trains inside its Tune trial and so holds the worker's resources itself. A
@@ -79,6 +81,10 @@ def plan_resources(scaling: ScalingConfig, cluster: dict[str, float], concurrent
                   "GPU": math.floor(1e4 / packing) / 1e4}
     else:
         share = (cpus - TRIAL_CPU * concurrent_trials) / (workers * concurrent_trials)
+        nodes = [node for node in node_cpus or [] if node > 0]
+        if len(nodes) > 1:
+            per_node = math.ceil(workers * concurrent_trials / len(nodes))
+            share = min(share, (min(nodes) - TRIAL_CPU * concurrent_trials) / per_node)
         worker = {"CPU": round(min(max(share, 0.05), 1.0), 3)}
     if use_gpu and workers > 1 and worker.get("GPU", 0) < 1:
         raise ResourceError(

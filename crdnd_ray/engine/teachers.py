@@ -8,6 +8,7 @@ trained once and reused.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 from pathlib import Path
@@ -87,7 +88,8 @@ def prepare_teacher(cfg: RunConfig, progress: Callable[[str], None] | None = Non
     """The teacher checkpoint for ``cfg``: the configured file, a cached one, or a freshly trained one.
 
     Returns None when the method needs no teacher. A configured checkpoint is loaded once here so a bad
-    file fails before any trial starts.
+    file fails before any trial starts. Commands that need the same teacher at the same time (a sweep and
+    an ablation) train it once: the others wait on a lock file beside the cache folder, then use it.
     """
     if not needs_teacher(cfg):
         return None
@@ -96,22 +98,26 @@ def prepare_teacher(cfg: RunConfig, progress: Callable[[str], None] | None = Non
         return Path(cfg.teacher.checkpoint)
     folder = (cache_root or teacher_cache_root()) / _teacher_key(cfg)
     cached = folder / "teacher.pt"
-    if cached.exists():
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(folder.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if cached.exists():
+            if progress:
+                progress(f"using the cached teacher {cached}")
+            return cached
         if progress:
-            progress(f"using the cached teacher {cached}")
-        return cached
-    if progress:
-        progress(f"training the teacher ({cfg.teacher.training.method}, {cfg.teacher.arch}) into {folder}")
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    train_teacher(cfg, partial, progress)
-    shutil.rmtree(folder, ignore_errors=True)
-    partial.rename(folder)
+            progress(f"training the teacher ({cfg.teacher.training.method}, {cfg.teacher.arch}) into {folder}")
+        partial = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        train_teacher(cfg, partial, progress)
+        shutil.rmtree(folder, ignore_errors=True)
+        partial.rename(folder)
     return cached
 
 
-def load_teacher(cfg: RunConfig, path: Path) -> nn.Module:
-    """Load the teacher of ``cfg`` from ``path`` (crdnd-ray or RobustBench format), frozen in eval mode."""
+def load_teacher(cfg: RunConfig, path: Path | bytes) -> nn.Module:
+    """Load the teacher of ``cfg`` from ``path`` or the file's bytes (crdnd-ray or RobustBench format), frozen
+    in eval mode. Ray workers get the bytes through the object store, never a path on the driver's disk."""
     info = dataset_info(cfg.data)
     teacher_cfg = cfg.teacher
     kwargs: dict[str, Any] = dict(teacher_cfg.kwargs)

@@ -22,7 +22,7 @@ from ray import tune
 from crdnd_ray import runs
 from crdnd_ray.config import RunConfig, flatten
 from crdnd_ray.engine.callbacks import TrialRecorder, TrialSpec, TrialsProgress, loop_report, trial_status
-from crdnd_ray.engine.distributed import TrainingFailed, build_trainer, init_ray, root_cause
+from crdnd_ray.engine.distributed import TrainingFailed, build_trainer, init_ray, node_cpus, root_cause
 from crdnd_ray.engine.loop import LoopContext, run_training
 from crdnd_ray.engine.resources import ResourcePlan, plan_resources
 from crdnd_ray.engine.teachers import load_teacher
@@ -77,26 +77,31 @@ class TrialsPlan:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def _trial_function(config: dict[str, Any], base: dict[str, Any], folder: str, teacher_path: str | None,
+def _trial_function(config: dict[str, Any], base: dict[str, Any], folder: str, teacher: bytes | None,
                     plan: ResourcePlan, overrides: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
-    """The Tune function trainable: train one trial in-process or as a Ray Train run."""
+    """The Tune function trainable: train one trial in-process or as a Ray Train run.
+
+    ``teacher`` holds the teacher checkpoint's bytes, which reach the trial through Ray's object store
+    (``tune.with_parameters``), so a trial on another machine needs no copy of the driver's file.
+    """
     cfg = RunConfig.model_validate(base).with_overrides(overrides(config), source="the trial's parameters")
     output_dir = Path(folder) / "trials" / tune.get_context().get_trial_id()
     runs.write_config(output_dir, cfg)
     if plan.in_process:
+        runs.add_placement(output_dir, [ray.get_runtime_context().get_node_id()])
         restored = tune.get_checkpoint()
-        teacher = load_teacher(cfg, Path(teacher_path)) if teacher_path else None
+        teacher_model = load_teacher(cfg, teacher) if teacher else None
 
         def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
             checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
             tune.report(metrics, checkpoint=checkpoint)
 
         resume_from = Path(restored.to_directory()) if restored is not None else None
-        run_training(cfg, output_dir, teacher, LoopContext(report=report, resume_from=resume_from))
+        run_training(cfg, output_dir, teacher_model, LoopContext(report=report, resume_from=resume_from))
         return
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    trainer = build_trainer(cfg, output_dir, Path(teacher_path) if teacher_path else None, plan,
+    trainer = build_trainer(cfg, output_dir, teacher, plan,
                             name=f"train-trial_id={tune.get_context().get_trial_id()}",
                             callbacks=[TuneReportCallback()], resume=True)
     trainer.fit()
@@ -122,7 +127,8 @@ def run_trials(cfg: RunConfig, folder: Path, *, kind: str, param_space: dict[str
     cluster = init_ray(cfg.scaling, log_to_driver=False)
     route_library_logs(folder)
     in_process = cfg.scaling.num_workers == 1 and cfg.scaling.in_process_single_worker
-    plan = plan_resources(cfg.scaling, cluster, concurrent_trials=max_concurrent, in_process=in_process)
+    plan = plan_resources(cfg.scaling, cluster, concurrent_trials=max_concurrent, in_process=in_process,
+                          node_cpus=node_cpus())
     _link_ray_logs(folder)
     recorder, parent_id = _start_parent(cfg, folder, kind, resume, parent_params or {})
     if recorder is not None and parent_id is not None:
@@ -139,7 +145,7 @@ def run_trials(cfg: RunConfig, folder: Path, *, kind: str, param_space: dict[str
         callbacks.append(TrialRecorder(recorder, parent_id, kind, spec, cfg.run_dict(), folder))
     trainable = tune.with_resources(
         tune.with_parameters(_trial_function, base=cfg.run_dict(), folder=str(folder),
-                             teacher_path=str(teacher_path.resolve()) if teacher_path else None, plan=plan,
+                             teacher=Path(teacher_path).read_bytes() if teacher_path else None, plan=plan,
                              overrides=spec.overrides),
         plan.trial_resources,
     )
@@ -147,7 +153,7 @@ def run_trials(cfg: RunConfig, folder: Path, *, kind: str, param_space: dict[str
     printer(f"{kind}: {total} trial(s), {plan.describe()}; "
             f"{'trains in the Tune trial' if in_process else 'Ray Train per trial'}")
     run_config = tune.RunConfig(name=kind, storage_path=str(tune_dir), callbacks=callbacks, verbose=0,
-                                failure_config=tune.FailureConfig(max_failures=0))
+                                failure_config=tune.FailureConfig(max_failures=cfg.scaling.max_failures))
     if resume and tune.Tuner.can_restore(str(tune_dir / kind)):
         tuner = tune.Tuner.restore(str(tune_dir / kind), trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
@@ -253,7 +259,8 @@ def plan_trials(cfg: RunConfig, kind: str, trials: int, max_concurrent: int,
     """Size ``trials`` trials of ``cfg`` against the cluster without starting anything heavy."""
     in_process = cfg.scaling.num_workers == 1 and cfg.scaling.in_process_single_worker
     cluster = _cluster_for_planning(cfg, max_concurrent)
-    plan = plan_resources(cfg.scaling, cluster, concurrent_trials=max_concurrent, in_process=in_process)
+    plan = plan_resources(cfg.scaling, cluster, concurrent_trials=max_concurrent, in_process=in_process,
+                          node_cpus=node_cpus() if ray.is_initialized() else None)
     return TrialsPlan(kind=kind, trials=trials, concurrent=plan.concurrent, resources=plan.describe(),
                       in_process=in_process, epochs=cfg.train.epochs,
                       details={**(details or {}), "cluster": cluster, "warnings": _plan_warnings(cfg)})

@@ -1,5 +1,5 @@
-"""The MLflow server and UI: start ``mlflow server`` on loopback, wait until it is healthy, stop its whole
-process group, and ``crdnd-ray ui``.
+"""The MLflow server and UI: start ``mlflow server`` (loopback by default), wait until it is healthy, stop its
+whole process tree, and ``crdnd-ray ui``. :mod:`crdnd_ray.tracking.postgres` runs the same server on PostgreSQL.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from crdnd_ray.processes import stop_tree
 from crdnd_ray.tracking import links
 from crdnd_ray.tracking.store import (DEFAULT_TRACKING_URI, is_loopback, is_server, latest_parent, normalize_tracking_uri,
                                       sqlite_path)
@@ -22,10 +23,11 @@ from crdnd_ray.tracking.store import (DEFAULT_TRACKING_URI, is_loopback, is_serv
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-__all__ = ["serve_ui", "start_server", "stop_server", "ui_links"]
+__all__ = ["port_problem", "serve_ui", "start_server", "stop_server", "ui_links"]
 
 
-def _free_port_error(host: str, port: int) -> str | None:
+def port_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on right now (the OS error), or None when it is free."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -38,13 +40,16 @@ def _free_port_error(host: str, port: int) -> str | None:
 
 def start_server(port: int, host: str = "127.0.0.1", backend_uri: str = DEFAULT_TRACKING_URI,
                  artifacts_dir: Path | str | None = None, log_file: Path | str | None = None,
-                 timeout_s: float = 60.0) -> tuple[subprocess.Popen, str]:
+                 timeout_s: float = 60.0, allowed_hosts: str | None = None) -> tuple[subprocess.Popen, str]:
     """Start ``mlflow server`` (one worker, no job runner) and wait until ``/health`` answers.
 
-    The server runs under this interpreter (``sys.executable -m mlflow server``) with artifacts proxied to
-    ``artifacts_dir`` (default: ``mlartifacts/`` next to a SQLite database). Its output goes to ``log_file``
-    when given, else to this process's standard error (standard output stays for the URLs). Returns the process and the server's URL; raises
-    RuntimeError (and stops the process) when it does not become healthy within ``timeout_s`` (≤ 60 s).
+    The server runs under this interpreter (``sys.executable -m mlflow server``) in a session of its own and
+    serves artifacts (``--serve-artifacts``) from ``artifacts_dir`` (default: ``mlartifacts/`` next to a SQLite
+    database). ``allowed_hosts`` goes to ``--allowed-hosts``: needed when clients reach the server by a name
+    that is neither localhost nor a private IP (a Kubernetes Service, for example). Its output goes to
+    ``log_file`` when given, else to this process's standard error (standard output stays for the URLs).
+    Returns the process and the server's URL; raises RuntimeError (and stops the process) when it does not
+    become healthy within ``timeout_s`` (creating MLflow's schema in an empty database takes 10-20 s).
     """
     backend_uri = normalize_tracking_uri(backend_uri)
     if artifacts_dir is None:
@@ -53,8 +58,10 @@ def start_server(port: int, host: str = "127.0.0.1", backend_uri: str = DEFAULT_
     artifacts = Path(artifacts_dir).expanduser().resolve()
     artifacts.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
-               "--artifacts-destination", artifacts.as_uri(), "--host", host, "--port", str(port),
-               "--workers", "1"]
+               "--serve-artifacts", "--artifacts-destination", artifacts.as_uri(), "--host", host,
+               "--port", str(port), "--workers", "1"]
+    if allowed_hosts:
+        command += ["--allowed-hosts", allowed_hosts]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     log_handle = open(log_file, "ab") if log_file is not None else None
     try:
@@ -68,7 +75,7 @@ def start_server(port: int, host: str = "127.0.0.1", backend_uri: str = DEFAULT_
     probe_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") or is_loopback(host) else shown
     health = f"http://{probe_host}:{port}/health"
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    deadline = time.monotonic() + min(timeout_s, 60.0)
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             break
@@ -84,28 +91,17 @@ def start_server(port: int, host: str = "127.0.0.1", backend_uri: str = DEFAULT_
     if log_file is not None and Path(log_file).is_file():
         tail = "\n" + "\n".join(Path(log_file).read_text(errors="replace").splitlines()[-20:])
     raise RuntimeError(
-        f"The MLflow server on {url} did not become healthy within {min(timeout_s, 60.0):.0f} s "
+        f"The MLflow server on {url} did not become healthy within {timeout_s:.0f} s "
         f"(exit code {process.returncode}). Check that port {port} is free and the backend store "
         f"{backend_uri} is readable.{tail}"
     )
 
 
 def stop_server(process: subprocess.Popen, timeout_s: float = 10.0) -> int:
-    """Stop a server started by :func:`start_server` (its whole process group) and return its exit code."""
-    if process.poll() is None:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            process.terminate()
-        try:
-            process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                process.kill()
-            process.wait(timeout_s)
-    return int(process.returncode or 0)
+    """Stop a server started by :func:`start_server` and every process of its tree (SIGTERM, then SIGKILL
+    after ``timeout_s``); return its exit code."""
+    stop_tree(process.pid, signal.SIGTERM, timeout_s)
+    return int(process.wait(timeout_s) or 0)
 
 
 def ui_links(client: MlflowClient, server: str, experiment: str | None = None) -> list[tuple[str, str]]:
@@ -161,7 +157,7 @@ def serve_ui(port: int = 5000, host: str = "127.0.0.1", tracking_uri: str = DEFA
         print(f"Warning: binding the MLflow UI to {host} exposes every run and artifact, without "
               "authentication, to anyone who can reach this machine. Use --host 127.0.0.1 (and an SSH tunnel) "
               "unless you mean it.", file=sys.stderr)
-    problem = _free_port_error("0.0.0.0" if host in ("", "0.0.0.0") else host, port)
+    problem = port_problem("0.0.0.0" if host in ("", "0.0.0.0") else host, port)
     if problem:
         print(f"Error: cannot listen on {host}:{port} ({problem}). Pick another port with --port.", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -116,6 +117,38 @@ def test_two_gloo_ranks_give_the_full_batch_gradient(digits_teacher: Path, tmp_p
     for name, grad in grads.items():
         assert grad.abs().sum() > 0, f"{name} got no gradient"
         torch.testing.assert_close(distributed["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _own_folder_worker(rank: int, world_size: int, cfg_dict: dict, teacher: bytes, base: str, resume: bool) -> None:
+    """One rank of ``run_training`` with a run folder of its own (``base/rank<r>``) that only rank 0 fills;
+    its reports go to ``base/reports-<r>.json``."""
+    cfg = RunConfig.model_validate(cfg_dict)
+    folder = Path(base) / f"rank{rank}"
+    reports: list[dict] = []
+    run_training(cfg, folder, load_teacher(cfg, teacher), LoopContext(
+        rank=rank, world_size=world_size, report=lambda row, _checkpoint: reports.append(row),
+        wrap=functools.partial(wrap_data_parallel, device=torch.device("cpu"), world_size=world_size),
+        resume_from=folder / runs.STATE_DIR if resume else None))
+    (Path(base) / f"reports-{rank}.json").write_text(json.dumps(reports))
+
+
+@pytest.mark.slow
+def test_only_rank_0_reads_the_run_folder(digits_teacher: Path, tmp_path: Path):
+    """Resume state and the final evaluation's checkpoints reach rank 1 over the process group: its own run
+    folder never exists, yet it resumes at rank 0's epoch and reports rank 0's final metrics."""
+    teacher = digits_teacher.read_bytes()
+    first = small_config(**{"train.epochs": 1, "train.max_steps_per_epoch": 3})
+    run_gloo_ranks(_own_folder_worker, 2, first.run_dict(), teacher, str(tmp_path), False)
+    run_gloo_ranks(_own_folder_worker, 2, first.with_overrides({"train.epochs": 2}).run_dict(), teacher,
+                   str(tmp_path), True)
+
+    assert not (tmp_path / "rank1").exists()
+    rank0, rank1 = (json.loads((tmp_path / f"reports-{rank}.json").read_text()) for rank in (0, 1))
+    assert [row["epoch"] for row in rank0] == [row["epoch"] for row in rank1] == [1]
+    assert rank0 == rank1
+    final = runs.read_final(tmp_path / "rank0")
+    assert {key: rank1[-1][key] for key in final} == final and final["best_n_eval"] == 64
+    assert [row["epoch"] for row in runs.read_metrics(tmp_path / "rank0")] == [0, 1]
 
 
 def _record_reports_callback(path: Path):

@@ -38,6 +38,18 @@ def test_two_concurrent_trials_on_two_cpus_get_fractional_workers_that_fit():
     assert workers.concurrent == 2
 
 
+def test_workers_fit_on_one_node_beside_the_trial_drivers_of_a_two_node_cluster():
+    """Two nodes of 1 CPU: 2 workers of 0.995 CPU (sized from the 2-CPU total) never fit beside a trial driver."""
+    one = plan_resources(ScalingConfig(num_workers=2), {"CPU": 2.0}, node_cpus=[1.0, 1.0])
+    assert one.worker_resources == {"CPU": 0.99} and one.concurrent == 1
+    assert plan_resources(ScalingConfig(num_workers=2), {"CPU": 2.0}).worker_resources == {"CPU": 0.995}
+    two = plan_resources(ScalingConfig(num_workers=2), {"CPU": 2.0}, concurrent_trials=2, node_cpus=[1.0, 1.0])
+    assert two.worker_resources == {"CPU": 0.49} and two.concurrent == 2
+    assert 2 * TRIAL_CPU + 2 * two.worker_resources["CPU"] <= 1.0
+    big = plan_resources(ScalingConfig(num_workers=2), {"CPU": 16.0}, node_cpus=[0.0, 8.0, 8.0])
+    assert big.worker_resources == {"CPU": 1.0}
+
+
 def test_gpu_workers_get_whole_gpus_unless_trials_are_packed():
     cluster = {"CPU": 16.0, "GPU": 2.0}
     plan = plan_resources(ScalingConfig(num_workers=2), cluster)

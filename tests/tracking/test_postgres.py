@@ -1,9 +1,12 @@
-"""MLflow on PostgreSQL (``crdnd_ray.pgserver``): two processes write nested runs at once and nothing is lost.
+"""MLflow on PostgreSQL (``crdnd_ray.tracking.postgres``, ``crdnd-ray server``): a real sweep and a real ablation
+record into it at the same time and nothing is lost; ``report`` and ``ui`` read it; SIGTERM stops every process
+and the data outlive the server.
 
-The server tests need PostgreSQL's programs (``initdb``, ``pg_ctl``; Debian package ``postgresql``) and are
-skipped with that reason where they are missing. Their folders are made with ``tempfile.mkdtemp`` in /tmp,
-not pytest's ``tmp_path``: when the tests run as root, PostgreSQL runs as the user ``postgres``, which
-cannot enter ``/tmp/pytest-of-root`` (mode 0700), and a Unix socket's path must stay short.
+The server tests need PostgreSQL's programs (``initdb``, ``pg_ctl``; Debian package ``postgresql``, which
+``.ci/run`` installs) and are skipped with that reason where they are missing. The server folder is made with
+``tempfile.mkdtemp`` in /tmp, not pytest's ``tmp_path``: when the tests run as root, PostgreSQL runs as the
+user ``postgres``, which cannot enter ``/tmp/pytest-of-root`` (mode 0700), and a Unix socket's path must stay
+short. The sweep and the ablation are two ``crdnd-ray`` processes that join one Ray node started for them.
 """
 
 from __future__ import annotations
@@ -18,24 +21,33 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
+import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
+import pandas as pd
 import pytest
+from conftest import REPO, free_port
+from typer.testing import CliRunner
 
-from crdnd_ray import pgserver
-from crdnd_ray.pgserver import PostgresCluster, PostgresNotFound
+from crdnd_ray import runs
+from crdnd_ray.cli import app
+from crdnd_ray.processes import alive, process_tree, stop_tree, wait_gone
+from crdnd_ray.tracking import postgres
+from crdnd_ray.tracking.postgres import PostgresCluster, PostgresNotFound
 
-REPO = Path(__file__).resolve().parents[2]
-WORKERS = 2
-RUNS_PER_WORKER = 3
-STEPS = 15
+SMALL = ["teacher.training.epochs=4", "train.epochs=2", "eval.epoch_limit=64", "eval.final_limit=64",
+         "attack.steps=3"]
+"""The digits files shrunk for tests (as ``conftest.small_config``)."""
+SWEEP = ["search.num_samples=2", "search.scheduler.kind=none"]
+ABLATION = ["ablation.seeds=[0]", "ablation.variants={crdnd: {}, no_contrastive: {method.contrastive.kind: none}}"]
+RUN_FILES = {"config.yaml", "best.pt", "final_metrics.json", "metrics.jsonl", "learning_curve.png"}
 
 
 def _postgres_missing() -> str | None:
     try:
-        pgserver.find_pg_binary("initdb")
-        pgserver.find_pg_binary("pg_ctl")
+        postgres.find_pg_binary("initdb")
+        postgres.find_pg_binary("pg_ctl")
     except PostgresNotFound:
         return ("PostgreSQL is not installed (no initdb/pg_ctl on PATH or in /usr/lib/postgresql/*/bin); "
                 "install it with 'apt-get install -y postgresql' to run the MLflow-on-PostgreSQL tests.")
@@ -45,18 +57,9 @@ def _postgres_missing() -> str | None:
 needs_postgres = pytest.mark.skipif(_postgres_missing() is not None, reason=_postgres_missing() or "")
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.fixture
-def server_folder():
-    folder = Path(tempfile.mkdtemp(prefix="crdnd-pgtest-", dir="/tmp"))
-    yield folder
-    pgserver.stop_postgres(folder)
-    shutil.rmtree(folder, ignore_errors=True)
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+            **extra}
 
 
 def _processes_mentioning(text: str) -> list[str]:
@@ -75,53 +78,29 @@ def _processes_mentioning(text: str) -> list[str]:
     return found
 
 
-def _params(worker: int, index: int) -> dict[str, str]:
-    return {"worker": str(worker), "index": str(index), "method.temperature": str(1.0 + worker + index / 10),
-            "method.contrastive.kind": ["infonce", "relation"][index % 2]}
-
-
-def _loss(worker: int, index: int, step: int) -> float:
-    return 1.0 / (1 + step) + worker * 0.01 + index * 0.001
-
-
-def _write_runs(url: str, experiment_id: str, parent_id: str, worker: int, barrier, results) -> None:
-    """One writer process: RUNS_PER_WORKER child runs with params, per-step metrics and two artifacts."""
-    try:
-        from mlflow import MlflowClient
-
-        client = MlflowClient(tracking_uri=url)
-        barrier.wait(timeout=120)
-        run_ids = []
-        for index in range(RUNS_PER_WORKER):
-            run = client.create_run(experiment_id, run_name=f"w{worker}-r{index}",
-                                    tags={"mlflow.parentRunId": parent_id, "worker": str(worker)})
-            run_id = run.info.run_id
-            for key, value in _params(worker, index).items():
-                client.log_param(run_id, key, value)
-            for step in range(STEPS):
-                client.log_metric(run_id, "loss", _loss(worker, index, step), step=step)
-                client.log_metric(run_id, "pgd20_acc", float(worker * 100 + index * 10 + step), step=step)
-            with tempfile.TemporaryDirectory() as scratch:
-                summary = Path(scratch) / "summary.json"
-                summary.write_text(json.dumps({"run": run_id, "worker": worker, "index": index}))
-                client.log_artifact(run_id, str(summary))
-                curves = Path(scratch) / "curves"
-                curves.mkdir()
-                (curves / "values.txt").write_text(f"{run_id}\n" + "\n".join(str(s) for s in range(STEPS)))
-                client.log_artifacts(run_id, str(curves), artifact_path="curves")
-            client.set_terminated(run_id, "FINISHED")
-            run_ids.append(run_id)
-        results.put((worker, run_ids, None))
-    except BaseException:  # noqa: BLE001 - the parent test shows the traceback
-        results.put((worker, [], traceback.format_exc()))
-
-
 def _assert_gone(pids: list[int], folder: Path) -> None:
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and (pgserver._alive(pids) or _processes_mentioning(str(folder))):
+    while time.monotonic() < deadline and (alive(pids) or _processes_mentioning(str(folder))):
         time.sleep(0.2)
-    assert pgserver._alive(pids) == [], f"processes left after stop: {pgserver._alive(pids)}"
+    assert alive(pids) == [], f"processes left after stop: {alive(pids)}"
     assert _processes_mentioning(str(folder)) == []
+
+
+def _start_server_command(folder: Path, port: int) -> tuple[subprocess.Popen, list[str]]:
+    """``crdnd-ray server FOLDER --port PORT`` until it prints its URL (a watchdog kills it after 15 min)."""
+    process = subprocess.Popen([sys.executable, "-m", "crdnd_ray.cli", "server", str(folder), "--port", str(port)],
+                               env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    watchdog = threading.Timer(900, lambda: process.poll() is None and stop_tree(process.pid, signal.SIGKILL, 0))
+    watchdog.daemon = True
+    watchdog.start()
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if "MLflow tracking server at" in line:
+            break
+    assert process.poll() is None, "".join(lines)
+    return process, lines
 
 
 def test_uri_goes_through_the_unix_socket() -> None:
@@ -131,23 +110,23 @@ def test_uri_goes_through_the_unix_socket() -> None:
     url = make_url(cluster.uri("mlflow"))
     assert (url.drivername, url.username, url.host, url.database) == ("postgresql+psycopg", "crdnd", None, "mlflow")
     assert dict(url.query) == {"host": "/srv/mlflow/postgres/run", "port": "5433"}
-    with pytest.raises(ValueError, match="listen="):
-        cluster.tcp_uri("mlflow")
 
 
 def test_database_names_are_checked_before_anything_runs() -> None:
     cluster = PostgresCluster(Path("/nonexistent/postgres"), 5433, Path("/nonexistent/postgres/run"))
     with pytest.raises(ValueError, match="plain database name"):
-        pgserver.create_database(cluster, "mlflow; DROP DATABASE postgres")
+        postgres.create_database(cluster, "mlflow; DROP DATABASE postgres")
 
 
-def test_serve_refuses_a_busy_port(capsys: pytest.CaptureFixture[str]) -> None:
+def test_server_command_refuses_a_busy_port() -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        assert pgserver.serve("/nonexistent/never-created", port=port) == 2
-    assert "Choose another port" in capsys.readouterr().err
+        result = CliRunner().invoke(app, ["server", "/nonexistent/never-created", "--port", str(port)])
+    assert result.exit_code == 2
+    assert f"Cannot start the MLflow server on 127.0.0.1:{port}" in result.output
+    assert "Choose another port" in result.output
     assert not Path("/nonexistent/never-created").exists()
 
 
@@ -158,120 +137,142 @@ def test_a_folder_the_postgres_user_cannot_reach_is_a_clear_error() -> None:
     try:
         outer.chmod(0o700)
         with pytest.raises(PermissionError, match="chmod o\\+x"):
-            pgserver.start_postgres(outer / "server")
+            postgres.start_postgres(outer / "server")
     finally:
         shutil.rmtree(outer, ignore_errors=True)
 
 
-@pytest.mark.slow
-@needs_postgres
-def test_two_concurrent_writers_lose_nothing(server_folder: Path, tmp_path: Path) -> None:
-    import multiprocessing
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory: pytest.TempPathFactory):
+    """``crdnd-ray server`` on a fresh folder, and a digits sweep and ablation recorded into it at once.
 
-    from mlflow import MlflowClient
+    Both commands join one Ray node and share one empty teacher cache, so they also race for the teacher.
+    The node offers 4 logical CPUs, so that both commands' trials run at once on the 2-core machine.
+    """
+    from crdnd_ray.engine.local_cluster import LocalCluster
 
-    server = pgserver.start_tracking_server(server_folder, port=_free_port(), throwaway=True)
+    folder = Path(tempfile.mkdtemp(prefix="crdnd-pgtest-", dir="/tmp"))
+    work = tmp_path_factory.mktemp("pg-commands")
+    server, lines = _start_server_command(folder, free_port())
+    url = lines[-1].split(" at ", 1)[1].split()[0]
     try:
-        processes = pgserver.process_tree(server.postgres.pid) + pgserver.process_tree(server.mlflow.pgid)
-        assert server.postgres.pid in processes and server.mlflow.pgid in processes
-        client = MlflowClient(tracking_uri=server.url)
-        experiment_id = client.create_experiment("crdnd-pg-test")
-        assert client.get_experiment(experiment_id).artifact_location == f"mlflow-artifacts:/{experiment_id}"
-        parent = client.create_run(experiment_id, run_name="sweep", tags={"run_kind": "sweep"}).info.run_id
-        client.log_param(parent, "search_space", "digits")
-
-        context = multiprocessing.get_context("spawn")
-        barrier, results = context.Barrier(WORKERS), context.Queue()
-        writers = [context.Process(target=_write_runs, args=(server.url, experiment_id, parent, worker, barrier,
-                                                              results)) for worker in range(WORKERS)]
-        for writer in writers:
-            writer.start()
-        reports = [results.get(timeout=300) for _ in writers]
-        for writer in writers:
-            writer.join(60)
-        errors = [error for _, _, error in reports if error]
-        assert errors == [] and [writer.exitcode for writer in writers] == [0] * WORKERS, "\n".join(errors)
-        client.set_terminated(parent, "FINISHED")
-        written = {worker: ids for worker, ids, _ in reports}
-
-        children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent}'", max_results=100)
-        assert len(children) == WORKERS * RUNS_PER_WORKER
-        assert {run.info.run_id for run in children} == {i for ids in written.values() for i in ids}
-        assert len(client.search_runs([experiment_id], max_results=100)) == 1 + WORKERS * RUNS_PER_WORKER
-
-        spans = {}
-        for worker, ids in written.items():
-            for index, run_id in enumerate(ids):
-                run = client.get_run(run_id)
-                assert run.info.status == "FINISHED"
-                assert run.data.params == _params(worker, index)
-                assert run.data.tags["worker"] == str(worker)
-                loss = sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)
-                assert [m.step for m in loss] == list(range(STEPS))
-                assert [m.value for m in loss] == [_loss(worker, index, step) for step in range(STEPS)]
-                acc = client.get_metric_history(run_id, "pgd20_acc")
-                assert sorted(m.value for m in acc) == [worker * 100 + index * 10 + s for s in range(STEPS)]
-                assert {a.path for a in client.list_artifacts(run_id)} == {"summary.json", "curves"}
-                assert [a.path for a in client.list_artifacts(run_id, "curves")] == ["curves/values.txt"]
-                local = Path(client.download_artifacts(run_id, "", str(tmp_path / run_id)))
-                assert json.loads((local / "summary.json").read_text()) == {"run": run_id, "worker": worker,
-                                                                              "index": index}
-                assert (local / "curves" / "values.txt").read_text().splitlines()[0] == run_id
-                stored = server_folder / "artifacts" / experiment_id / run_id / "artifacts"
-                assert sorted(p.relative_to(stored).as_posix() for p in stored.rglob("*") if p.is_file()) == [
-                    "curves/values.txt", "summary.json"]
-                starts, ends = spans.setdefault(worker, ([], []))
-                starts.append(run.info.start_time)
-                ends.append(run.info.end_time)
-        (a_starts, a_ends), (b_starts, b_ends) = spans[0], spans[1]
-        assert min(a_starts) < max(b_ends) and min(b_starts) < max(a_ends), "the two writers did not overlap"
-        processes = sorted(set(processes) | set(pgserver.process_tree(server.postgres.pid))
-                           | set(pgserver.process_tree(server.mlflow.pgid)))
+        with LocalCluster(["node_a"], cpus=4) as cluster:
+            common = [f"scaling.address={cluster.address}", f"tracking.uri={url}", *SMALL]
+            env = _env(CRDND_RAY_CACHE=str(work / "teachers"))
+            commands = {"sweep": ["sweep", str(REPO / "search_spaces/digits.yaml"), *SWEEP],
+                        "ablation": ["ablate", str(REPO / "ablations/digits.yaml"), *ABLATION]}
+            started = {}
+            for kind, command in commands.items():
+                sets = [part for key in common + command[2:] for part in ("--set", key)]
+                started[kind] = subprocess.Popen([sys.executable, "-m", "crdnd_ray.cli", *command[:2], *sets,
+                                                  "--output", str(work / kind)], cwd=work, env=env,
+                                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            outputs = {kind: process.communicate(timeout=600)[0] for kind, process in started.items()}
+            codes = {kind: process.returncode for kind, process in started.items()}
+        yield SimpleNamespace(url=url, folder=folder, work=work, server=server, outputs=outputs, codes=codes)
     finally:
-        server.stop()
-    _assert_gone(processes, server_folder)
-    assert not (server_folder / "postgres" / "data" / "postmaster.pid").exists()
+        if server.poll() is None:
+            stop_tree(server.pid, signal.SIGTERM, 60)
+            server.wait()
+        postgres.stop_postgres(folder)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _children(client, parent_id: str) -> dict[str, object]:
+    parent = client.get_run(parent_id)
+    found = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'",
+                               max_results=100)
+    return {run.data.tags["trial_id"]: run for run in found}
 
 
 @pytest.mark.slow
 @needs_postgres
-def test_serve_stops_everything_on_sigterm_and_keeps_the_data(server_folder: Path) -> None:
+@pytest.mark.parametrize("kind, table", [("sweep", "results.csv"), ("ablation", "cells.csv")])
+def test_a_sweep_and_an_ablation_at_once_lose_nothing(recorded: SimpleNamespace, kind: str, table: str) -> None:
     from mlflow import MlflowClient
 
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    code = "import sys; from crdnd_ray.pgserver import serve; sys.exit(serve(sys.argv[1], int(sys.argv[2])))"
-    process = subprocess.Popen([sys.executable, "-c", code, str(server_folder), str(port)], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    watchdog = threading.Timer(300, lambda: os.killpg(process.pid, signal.SIGKILL))
-    watchdog.start()
-    try:
-        lines = []
-        for line in process.stdout:
-            lines.append(line)
-            if "MLflow tracking server at" in line or process.poll() is not None:
-                break
-        assert f"--set tracking.uri=http://127.0.0.1:{port}" in "".join(lines), "".join(lines)
-        url = f"http://127.0.0.1:{port}"
-        client = MlflowClient(tracking_uri=url)
-        run_id = client.create_run(client.create_experiment("kept")).info.run_id
-        client.log_metric(run_id, "pgd20_acc", 42.0, step=3)
-        postmaster = int((server_folder / "postgres" / "data" / "postmaster.pid").read_text().split()[0])
-        processes = sorted(set(pgserver.process_tree(process.pid)) | set(pgserver.process_tree(postmaster)))
-        assert len(processes) >= 4
-        process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=60)
-    finally:
-        watchdog.cancel()
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    assert process.returncode == 0, "".join(lines) + output
+    assert recorded.codes[kind] == 0, recorded.outputs[kind]
+    trained = [name for name, text in recorded.outputs.items() if "training the teacher" in text]
+    assert len(trained) == 1 and len(list((recorded.work / "teachers").glob("*/teacher.pt"))) == 1
+    client = MlflowClient(tracking_uri=recorded.url)
+    folder = recorded.work / kind
+    parent_id = runs.read_run_info(folder)["mlflow_run_id"]
+    rows = pd.read_csv(folder / table)
+    children = _children(client, parent_id)
+    assert sorted(children) == sorted(rows["trial_id"]) and len(children) == 2
+    parent = client.get_run(parent_id)
+    assert (parent.info.status, parent.data.tags["status"]) == ("FINISHED", "finished")
+    for trial_id, run in children.items():
+        final = runs.read_final(folder / "trials" / trial_id)
+        assert run.info.status == "FINISHED" and run.data.tags["status"] == "finished"
+        for name in ("pgd20_acc", "clean_acc", "loss"):
+            history = client.get_metric_history(run.info.run_id, name)
+            assert sorted(point.step for point in history) == [0, 1], name
+        assert {key: run.data.metrics[key] for key in final} == pytest.approx(final)
+        assert {item.path for item in client.list_artifacts(run.info.run_id)} == RUN_FILES
+        stored = recorded.folder / "artifacts" / run.info.experiment_id / run.info.run_id / "artifacts"
+        assert {path.name for path in stored.iterdir()} == RUN_FILES
+    spans = {}
+    for name in ("sweep", "ablation"):
+        parent_of_kind = runs.read_run_info(recorded.work / name)["mlflow_run_id"]
+        infos = [run.info for run in _children(client, parent_of_kind).values()]
+        spans[name] = (min(info.start_time for info in infos), max(info.end_time for info in infos))
+    assert spans["sweep"][0] < spans["ablation"][1] and spans["ablation"][0] < spans["sweep"][1], spans
+
+
+@pytest.mark.slow
+@needs_postgres
+def test_report_and_ui_read_the_server(recorded: SimpleNamespace, tmp_path: Path) -> None:
+    parent_id = runs.read_run_info(recorded.work / "sweep")["mlflow_run_id"]
+    csv = tmp_path / "report.csv"
+    report = subprocess.run([sys.executable, "-m", "crdnd_ray.cli", "report", "--experiment", "crdnd-digits",
+                             "--run", parent_id, "--tracking-uri", recorded.url, "--format", "csv", "--output",
+                             str(csv)], check=False, env=_env(), cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
+    assert report.returncode == 0, report.stdout + report.stderr
+    table = pd.read_csv(csv).set_index("run_name")
+    results = pd.read_csv(recorded.work / "sweep" / "results.csv").set_index("trial")
+    assert sorted(table.index) == sorted(results.index)
+    assert table.loc[results.index, "best_pgd20_acc"].tolist() == pytest.approx(results["best_pgd20_acc"].tolist())
+
+    ui = subprocess.run([sys.executable, "-m", "crdnd_ray.cli", "ui", "--tracking-uri", recorded.url], check=False,
+                        env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert ui.returncode == 0 and recorded.url in ui.stdout, ui.stdout + ui.stderr
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(recorded.url + "/", timeout=30) as page:
+        assert page.status == 200 and b"<html" in page.read().lower()
+    experiment = json.loads(opener.open(f"{recorded.url}/ajax-api/2.0/mlflow/experiments/get-by-name?"
+                                        "experiment_name=crdnd-digits", timeout=30).read())["experiment"]
+    search = urllib.request.Request(f"{recorded.url}/ajax-api/2.0/mlflow/runs/search", method="POST",
+                                    data=json.dumps({"experiment_ids": [experiment["experiment_id"]]}).encode(),
+                                    headers={"Content-Type": "application/json"})
+    found = json.loads(opener.open(search, timeout=30).read())["runs"]
+    assert sorted(run["info"]["run_id"] for run in found) == sorted([parent_id, *table["run_id"]])
+
+
+@pytest.mark.slow
+@needs_postgres
+def test_sigterm_stops_every_process_and_the_data_outlive_the_server(recorded: SimpleNamespace) -> None:
+    from mlflow import MlflowClient
+
+    sweep = recorded.work / "sweep"
+    child = next(iter(_children(MlflowClient(tracking_uri=recorded.url),
+                                runs.read_run_info(sweep)["mlflow_run_id"]).values()))
+    postmaster = int((recorded.folder / "postgres" / "data" / "postmaster.pid").read_text().split()[0])
+    processes = sorted(set(process_tree(recorded.server.pid)) | set(process_tree(postmaster)))
+    assert len(processes) >= 4
+    recorded.server.send_signal(signal.SIGTERM)
+    output, _ = recorded.server.communicate(timeout=120)
+    assert recorded.server.returncode == 0, output
     assert "Stopped the MLflow server and PostgreSQL." in output
-    _assert_gone(processes, server_folder)
+    _assert_gone(processes, recorded.folder)
+    assert not (recorded.folder / "postgres" / "data" / "postmaster.pid").exists()
 
-    with pgserver.start_tracking_server(server_folder, port=_free_port()) as again:
-        history = MlflowClient(tracking_uri=again.url).get_metric_history(run_id, "pgd20_acc")
-        assert [(m.step, m.value) for m in history] == [(3, 42.0)]
-        processes = pgserver.process_tree(again.postgres.pid) + pgserver.process_tree(again.mlflow.pgid)
-    _assert_gone(processes, server_folder)
+    with postgres.start_tracking_server(recorded.folder, port=free_port()) as again:
+        history = MlflowClient(tracking_uri=again.url).get_metric_history(child.info.run_id, "pgd20_acc")
+        rows = runs.read_metrics(sweep / "trials" / child.data.tags["trial_id"])
+        assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == \
+            [(row["epoch"], pytest.approx(row["pgd20_acc"])) for row in rows]
+        processes = process_tree(again.postgres.pid) + process_tree(again.mlflow.pid)
+    assert wait_gone(processes, 10) == []
+    _assert_gone(processes, recorded.folder)
