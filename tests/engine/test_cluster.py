@@ -90,7 +90,7 @@ def test_train_runs_its_two_ranks_on_two_nodes(cluster, tmp_path: Path) -> None:
     ranks = [_names(cluster)[node_id] for node_id in placements[0]["nodes"]]
     print(f"\ntrain --workers 2: rank 0 on {ranks[0]}, rank 1 on {ranks[1]}")
     assert sorted(ranks) == ["node_a", "node_b"]
-    assert [row["epoch"] for row in runs.read_metrics(output)] == [0, 1]
+    assert [row["epoch"] for row in runs.read_metrics(output)] == [1, 2]
     final = runs.read_final(output)
     assert final["best_n_eval"] == final["last_n_eval"] == 64
     assert (output / "ray_train" / "train").is_dir()
@@ -134,7 +134,7 @@ def test_the_sweep_ran_on_both_nodes_and_lost_nothing(lost_node_sweep) -> None:
                    for trial in results["trial_id"]}
     assert first_nodes == {"node_a", "node_b"}
     for trial in results["trial_id"]:
-        assert [row["epoch"] for row in runs.read_metrics(sweep.output / "trials" / trial)] == list(range(SWEEP_EPOCHS))
+        assert [row["epoch"] for row in runs.read_metrics(sweep.output / "trials" / trial)] == list(range(1, SWEEP_EPOCHS + 1))
 
 
 def test_the_lost_trial_resumed_on_the_head_from_its_last_checkpoint(lost_node_sweep) -> None:
@@ -144,7 +144,7 @@ def test_the_lost_trial_resumed_on_the_head_from_its_last_checkpoint(lost_node_s
     rows = runs.read_metrics(sweep.victim)
     before = [row["epoch"] for row in rows if row["epoch_started_at"] < sweep.killed_at]
     after = [row["epoch"] for row in rows if row["epoch_started_at"] > sweep.killed_at]
-    assert len(before) >= 2 and before + after == list(range(SWEEP_EPOCHS)), (before, after)
+    assert len(before) >= 2 and before + after == list(range(1, SWEEP_EPOCHS + 1)), (before, after)
     assert all(row["epoch_started_at"] > placements[1]["started_at"] for row in rows if row["epoch"] in after)
     retried_at = placements[1]["started_at"]
     finished_at = (sweep.victim / runs.FINAL_FILE).stat().st_mtime
@@ -168,7 +168,7 @@ def test_mlflow_holds_each_trial_once_with_its_whole_history(lost_node_sweep) ->
         assert (run.info.status, run.data.tags["status"]) == ("FINISHED", "finished")
         for name in ("pgd20_acc", "loss"):
             steps = [point.step for point in client.get_metric_history(run.info.run_id, name)]
-            assert sorted(steps) == list(range(SWEEP_EPOCHS)), (run.data.tags["trial_id"], name, steps)
+            assert sorted(steps) == list(range(1, SWEEP_EPOCHS + 1)), (run.data.tags["trial_id"], name, steps)
         final = runs.read_final(sweep.output / "trials" / run.data.tags["trial_id"])
         assert {key: run.data.metrics[key] for key in final} == pytest.approx(final)
     retried = {run.data.tags["trial_id"] for run in children if run.data.tags.get("last_failure")}

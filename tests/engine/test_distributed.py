@@ -144,11 +144,11 @@ def test_only_rank_0_reads_the_run_folder(digits_teacher: Path, tmp_path: Path):
 
     assert not (tmp_path / "rank1").exists()
     rank0, rank1 = (json.loads((tmp_path / f"reports-{rank}.json").read_text()) for rank in (0, 1))
-    assert [row["epoch"] for row in rank0] == [row["epoch"] for row in rank1] == [1]
+    assert [row["epoch"] for row in rank0] == [row["epoch"] for row in rank1] == [2]
     assert rank0 == rank1
     final = runs.read_final(tmp_path / "rank0")
     assert {key: rank1[-1][key] for key in final} == final and final["best_n_eval"] == 64
-    assert [row["epoch"] for row in runs.read_metrics(tmp_path / "rank0")] == [0, 1]
+    assert [row["epoch"] for row in runs.read_metrics(tmp_path / "rank0")] == [1, 2]
 
 
 def _record_reports_callback(path: Path):

@@ -207,7 +207,7 @@ def test_a_sweep_and_an_ablation_at_once_lose_nothing(recorded: SimpleNamespace,
         assert run.info.status == "FINISHED" and run.data.tags["status"] == "finished"
         for name in ("pgd20_acc", "clean_acc", "loss"):
             history = client.get_metric_history(run.info.run_id, name)
-            assert sorted(point.step for point in history) == [0, 1], name
+            assert sorted(point.step for point in history) == [1, 2], name
         assert {key: run.data.metrics[key] for key in final} == pytest.approx(final)
         assert {item.path for item in client.list_artifacts(run.info.run_id)} == RUN_FILES
         stored = recorded.folder / "artifacts" / run.info.experiment_id / run.info.run_id / "artifacts"

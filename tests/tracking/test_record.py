@@ -105,4 +105,4 @@ def test_a_failed_run_keeps_its_reason_and_what_it_reached(sqlite_uri: str, tmp_
         "failed", "DivergedError: the training loss became nan")
     run = recorder.client.get_run(record.run_id)
     assert run.info.status == "FAILED" and run.data.tags["status_reason"].startswith("DivergedError")
-    assert [p.step for p in recorder.client.get_metric_history(record.run_id, "pgd20_acc")] == [0]
+    assert [p.step for p in recorder.client.get_metric_history(record.run_id, "pgd20_acc")] == [1]
