@@ -222,10 +222,19 @@ def evaluate(
 def _dry_run(plan: Any, cfg: RunConfig, output: Optional[Path]) -> None:
     """Print a plan with the problems this machine would hit (missing data, teacher, store): as warnings,
     since a plan is often checked before it ships to the cluster that has them."""
+    from crdnd_ray.engine.cost import estimate
     from crdnd_ray.engine.preflight import environment_problems
 
     plan.details["warnings"] = plan.details.get("warnings", []) + [str(p) for p in environment_problems(cfg, output)]
+    cost = plan.details["cost"] = estimate(cfg, plan.trials, plan.concurrent)
     stdout.print_json(json.dumps({"plan": plan.__dict__, "config": cfg.run_dict()}, default=str))
+    saving = (f"; ASHA runs {cost['asha_fraction']:.0%} of the epochs: ≈ "
+              f"{duration(cost['device_hours_with_asha'] * 3600)}" if cost["asha_fraction"] < 1 else "")
+    console.print(f"cost of training ({plan.trials} trials × {cost['epochs']} epochs × {cost['examples_per_epoch']:,} "
+                  f"examples), in device time on {cost['device']}: ≈ {duration(cost['device_hours'] * 3600)} without "
+                  f"early stopping{saving}; ≈ {duration(cost['wall_hours'] * 3600)} of wall time at {plan.concurrent} "
+                  f"trial(s) at a time. Measured here: a step of {cost['batch']} examples takes {cost['step_s']:.3g} s; "
+                  "evaluation is extra.", highlight=False)
 
 
 def _check_outcome(kind: str, rows: list[dict[str, Any]], folder: Path) -> None:
@@ -264,6 +273,7 @@ def sweep(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved plan and exit."),
 ) -> None:
     """Search temperature, contrastive weight and compensation with Ray Tune + Optuna."""
+    from crdnd_ray.engine.cost import totals
     from crdnd_ray.engine.sweep import plan_sweep, run_sweep
 
     cfg = resumed_config(resume, set_, "sweep") if resume is not None else load(config, set_)
@@ -286,6 +296,9 @@ def sweep(
                      f"(crdnd-ray train {folder / 'best.yaml'})", highlight=False)
     if outcome["pareto"]:
         stdout.print(f"Pareto front ({len(outcome['pareto'])} trials): {folder / 'pareto.csv'}", highlight=False)
+    spent = totals(outcome["rows"])
+    stdout.print(f"compute: {spent['total_images']:,.0f} examples trained, {spent['total_attack_passes']:,.0f} attack "
+                 f"passes, {duration(spent['total_device_s'])} of device time", highlight=False)
     stdout.print(f"results: {folder / 'results.csv'}; log: {folder / LOG_FILE}", highlight=False)
     if outcome["parent_run_id"]:
         stdout.print(f"MLflow: experiment '{cfg.experiment.name}', sweep run {outcome['parent_run_id']}; "
@@ -314,6 +327,31 @@ def ablate(
     stdout.print("files: " + ", ".join(str(path) for path in outcome["files"]))
     if outcome["parent_run_id"]:
         stdout.print(f"MLflow: experiment '{cfg.experiment.name}', parent run {outcome['parent_run_id']}")
+
+
+@app.command()
+@handle_errors
+def verify(
+    target: str = typer.Argument(..., help="A run folder, a sweep or ablation folder, or an MLflow run id."),
+    checkpoint: str = typer.Option("best", "--checkpoint", help="best or last (run folders and run ids)."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Test examples (default: eval.final_limit)."),
+    transfer: bool = typer.Option(True, "--transfer/--no-transfer", help="Run the transfer check (trains a surrogate)."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="The store of a run id."),
+) -> None:
+    """AutoAttack and the gradient-masking checks of Carlini et al. on a trained model; verdicts in MLflow."""
+    from crdnd_ray.engine.verify import verify_target
+
+    if checkpoint not in ("best", "last"):
+        raise UsageError(f"--checkpoint is best or last, not '{checkpoint}'.")
+    with ProgressView(console) as view:
+        verified = verify_target(target, tracking_uri=tracking_uri, checkpoint=checkpoint, limit=limit,
+                                 transfer=transfer, printer=view)
+    for name, result in verified:
+        stdout.print(f"[bold]{name}[/]", highlight=False)
+        for line in result.lines():
+            stdout.print(f"  {line}", highlight=False, markup=False)
+    if any(result.verdict == "warn" for _, result in verified):
+        console.print("[yellow]some checks warn[/]: read each WARN line above before reporting these numbers.")
 
 
 @app.command()

@@ -26,15 +26,18 @@ class DataError(Exception):
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """Shape facts the models need."""
+    """Shape facts the models need, and the size of the training set (before ``train_limit``)."""
 
     name: str
     num_classes: int
     in_channels: int
     image_size: int
+    train_size: int
 
 
 CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+DIGITS_TRAIN_SIZE = 1347
+"""The training part of scikit-learn's 1,797 digits under the fixed 75/25 split."""
 CIFAR_FILES = {"cifar10": [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], "cifar100": ["train", "test"]}
 """The files of torchvision's extracted archives that the loaders read."""
 
@@ -60,10 +63,10 @@ def require_data(cfg: DataConfig) -> None:
 def dataset_info(cfg: DataConfig) -> DatasetInfo:
     """Classes, channels and image size of the configured dataset, without loading it."""
     if cfg.name == "digits":
-        return DatasetInfo("digits", 10, 1, cfg.image_size or 8)
+        return DatasetInfo("digits", 10, 1, cfg.image_size or 8, DIGITS_TRAIN_SIZE)
     if cfg.name == "synthetic":
-        return DatasetInfo("synthetic", 100, 3, cfg.image_size or 32)
-    return DatasetInfo(cfg.name, 10 if cfg.name == "cifar10" else 100, 3, 32)
+        return DatasetInfo("synthetic", 100, 3, cfg.image_size or 32, 50_000)
+    return DatasetInfo(cfg.name, 10 if cfg.name == "cifar10" else 100, 3, 32, 50_000)
 
 
 def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset, DatasetInfo]:

@@ -21,7 +21,7 @@ __all__ = ["ProgressView", "duration", "render_snapshot"]
 
 
 def duration(seconds: float | None) -> str:
-    """``75`` → ``1 min 15 s``; ``None`` → ``?``."""
+    """``75`` → ``1 min 15 s``, ``3725`` → ``1 h 02 min``, beyond 100 hours ``1,234 h``; ``None`` → ``?``."""
     if seconds is None:
         return "?"
     seconds = int(round(seconds))
@@ -29,7 +29,9 @@ def duration(seconds: float | None) -> str:
         return f"{seconds} s"
     if seconds < 3600:
         return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    if seconds < 100 * 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    return f"{seconds / 3600:,.0f} h"
 
 
 def render_snapshot(snapshot: Any) -> Group:

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, free_port
+from conftest import CLI, REPO, free_port
 
-CLI = [sys.executable, "-m", "crdnd_ray.cli"]
 
 
 def test_help_lists_every_command():
@@ -125,3 +124,27 @@ def test_the_dry_run_lists_what_this_machine_lacks_as_warnings(tmp_path):
     assert done.returncode == 0, done.stderr
     warnings = " ".join(json.loads(done.stdout)["plan"]["details"]["warnings"])
     assert "cifar-100-python" in warnings and "does not answer" in warnings
+
+
+@pytest.mark.slow
+def test_verify_a_run_folder_prints_every_check_and_records_the_verdicts(tmp_path, digits_teacher):
+    from mlflow import MlflowClient
+
+    from crdnd_ray import runs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    trained = subprocess.run([*CLI, "train", DIGITS, "--output", "run", "--set", f"tracking.uri={uri}",
+                              "--set", f"teacher.checkpoint={digits_teacher}", "--set", "train.epochs=2",
+                              "--set", "eval.final_limit=48", "--set", "eval.epoch_limit=48"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0, trained.stderr
+    done = subprocess.run([*CLI, "verify", "run", "--limit", "48", "--no-transfer"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    for check in ("ordering", "eps_growth", "more_iterations", "autoattack_gap"):
+        assert f" {check}: " in done.stdout, check
+    assert "AutoAttack" in done.stdout and (tmp_path / "run" / "verify.json").is_file()
+    run = MlflowClient(uri).get_run(runs.read_run_info(tmp_path / "run")["mlflow_run_id"])
+    assert run.data.tags["verify"] in ("pass", "warn") and "verify_autoattack_acc" in run.data.metrics
+    refused = subprocess.run([*CLI, "verify", "not-a-run"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "neither a folder nor an MLflow run id" in " ".join(refused.stderr.split())

@@ -11,7 +11,7 @@ from crdnd_ray.progress import ProgressView, duration
 
 
 def test_durations_read_naturally():
-    assert [duration(s) for s in (None, 4.4, 75, 3725)] == ["?", "4 s", "1 min 15 s", "1 h 02 min"]
+    assert [duration(s) for s in (None, 4.4, 75, 3725, 3.6e8)] == ["?", "4 s", "1 min 15 s", "1 h 02 min", "100,000 h"]
 
 
 def test_a_view_off_a_terminal_prints_lines_only():

@@ -250,7 +250,13 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
-    """Per-epoch (PGD on a subset) and final (attack suite) evaluation."""
+    """Per-epoch (PGD on a subset) and final (attack suite) evaluation, and verification.
+
+    With ``verify``, a sweep verifies its ``verify_top`` best trials by the searched metric (and every trial of
+    a multi-objective Pareto front) with AutoAttack and the gradient-masking checks, and picks ``best.yaml``
+    by the verified AutoAttack accuracy: the searched PGD number favours exactly the trials whose robustness
+    is overstated. An ablation verifies each variant's best seed (``verify_seeds: all``: every seed).
+    """
 
     eps: PositiveNumber = 0.2
     epoch_attacks: list[str] = Field(default_factory=lambda: ["clean", "pgd20"])
@@ -258,6 +264,9 @@ class EvalConfig(_Section):
     final_attacks: list[str] = Field(default_factory=lambda: ["clean", "fgsm", "pgd20", "cw"])
     autoattack: bool = False
     final_limit: int | None = Field(default=None, ge=1)
+    verify: bool = False
+    verify_top: int = Field(default=3, ge=1)
+    verify_seeds: Literal["best", "all"] = "best"
 
     @property
     def selection_metric(self) -> str:

@@ -38,6 +38,7 @@ from crdnd_ray.methods import build_distiller
 from crdnd_ray.models import build_model
 
 __all__ = [
+    "COST_KEYS",
     "FINITE_CHECK_STEPS",
     "DivergedError",
     "LoopContext",
@@ -243,7 +244,7 @@ def run_training(cfg: RunConfig, output_dir: Path, teacher: nn.Module | None,
     optimizer = torch.optim.SGD(distiller.parameter_groups(cfg.train.weight_decay), lr=cfg.train.lr,
                                 momentum=cfg.train.momentum, nesterov=cfg.train.nesterov)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg))
-    start_epoch, best_score, history = 0, -math.inf, []
+    start_epoch, best_score, history, cost = 0, -math.inf, [], dict.fromkeys(COST_KEYS, 0.0)
     state = _from_rank0(context, lambda: runs.read_state(Path(context.resume_from), context.progress)
                         if context.resume_from is not None else None)
     if state is not None:
@@ -253,6 +254,7 @@ def run_training(cfg: RunConfig, output_dir: Path, teacher: nn.Module | None,
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         start_epoch, best_score = state["epoch"] + 1, state["best_score"]
+        cost.update(state.get("cost", {}))
         history = [row for row in runs.read_metrics(output_dir) if row["epoch"] <= start_epoch] if is_main else []
     runners = RunnerSource(cfg.train.cuda_graphs, device, context.progress if is_main else None,
                            collectives_in_attack=cfg.scaling.sync_batchnorm and context.world_size > 1
@@ -277,6 +279,7 @@ def run_training(cfg: RunConfig, output_dir: Path, teacher: nn.Module | None,
         steps = checked = 0
         started_at = time.time()
         started = time.perf_counter()
+        cpu_started = time.process_time()
         for step, (images, labels) in enumerate(loader):
             if cfg.train.max_steps_per_epoch is not None and step >= cfg.train.max_steps_per_epoch:
                 break
@@ -317,6 +320,10 @@ def run_training(cfg: RunConfig, output_dir: Path, teacher: nn.Module | None,
                                           batch_size=cfg.data.eval_batch_size, rank=context.rank,
                                           world_size=context.world_size, device=device, runner=runners())
         row.update({k: v for k, v in evaluation.items() if k != "n_eval"})
+        row.update(_add_cost(cost, images=global_steps * loader.batch_size,
+                             attack_passes=global_steps * loader.batch_size * distiller.attack_passes_per_example,
+                             wall_s=time.perf_counter() - started, cpu_s=time.process_time() - cpu_started,
+                             device=device))
         improved = row[selection] > best_score
         if improved:
             best_score = row[selection]
@@ -335,15 +342,37 @@ def run_training(cfg: RunConfig, output_dir: Path, teacher: nn.Module | None,
             save_model(output_dir / runs.LAST_CHECKPOINT, distiller.student, extra={"epoch": epoch + 1}, **save_facts)
             runs.write_metrics(output_dir, history)
         if last_epoch:
+            evaluated, cpu_evaluated = time.perf_counter(), time.process_time()
             row.update(_final_evaluation(cfg, output_dir, test_set, context, runners))
+            row.update(_add_cost(cost, images=0, attack_passes=0, wall_s=time.perf_counter() - evaluated,
+                                 cpu_s=time.process_time() - cpu_evaluated, device=device))
         if is_main:
             checkpoint_dir = runs.write_state(output_dir, {
                 "student": unwrap(distiller.student).state_dict(), "extras": distiller.extras.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
-                "epoch": epoch, "best_score": best_score})
+                "epoch": epoch, "best_score": best_score, "cost": dict(cost)})
         if context.report is not None:
             context.report(row, checkpoint_dir)
     return (runs.read_final(output_dir) or {}) if is_main else {}
+
+
+COST_KEYS = ("cost_images", "cost_attack_passes", "cost_device_s", "cost_wall_s")
+"""The run's compute so far, reported cumulatively every epoch: examples trained, forward-and-backward passes
+of the inner attack, device-seconds (GPU-seconds on GPUs, CPU-seconds of every rank on CPUs) and wall seconds
+(training, per-epoch and final evaluation; start-up excluded)."""
+
+
+def _add_cost(cost: dict[str, float], *, images: float, attack_passes: float, wall_s: float, cpu_s: float,
+              device: torch.device) -> dict[str, float]:
+    """Add one stretch of work to the cumulative ``cost`` (summed over ranks) and return a copy for the report."""
+    device_s = wall_s if device.type == "cuda" else cpu_s
+    spent = _all_reduce_sum(torch.tensor([device_s], dtype=torch.float64, device=device)).item()
+    wall = _all_reduce_max(torch.tensor([wall_s], dtype=torch.float64, device=device)).item()
+    cost["cost_images"] += images
+    cost["cost_attack_passes"] += attack_passes
+    cost["cost_device_s"] += spent
+    cost["cost_wall_s"] += wall
+    return dict(cost)
 
 
 def _from_rank0(context: LoopContext, read: Callable[[], Any]) -> Any:

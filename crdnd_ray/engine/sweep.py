@@ -17,8 +17,10 @@ import yaml
 from crdnd_ray import plots, tables
 from crdnd_ray.analysis import pareto_rows
 from crdnd_ray.config import ConfigError, ParameterSpec, RunConfig, SearchConfig, flatten
+from crdnd_ray.engine.cost import totals
 from crdnd_ray.engine.preflight import check_config
 from crdnd_ray.engine.teachers import prepare_teacher
+from crdnd_ray.engine.verify import VERIFY_COLUMNS, sweep_choice, verify_rows
 from crdnd_ray.engine.trials import TrialSpec, TrialsPlan, TrialsResult, plan_trials, run_trials
 
 __all__ = ["plan_sweep", "run_sweep", "sample_space", "validate_space", "write_sweep_results"]
@@ -135,9 +137,16 @@ def run_sweep(cfg: RunConfig, folder: Path, resume: bool = False, printer: Calla
         scheduler=scheduler, resume=resume, teacher_path=teacher_path, printer=printer,
         parent_params={f"search.{k}": v for k, v in flatten(search.model_dump(mode="json")).items()},
     )
+    if cfg.eval.verify and not result.interrupted:
+        verify_rows(folder, result.rows, sweep_choice(result.rows, cfg), result.recorder, result.parent_run_id,
+                    printer)
     outcome = write_sweep_results(cfg, folder, result)
     result.raise_if_interrupted()
     return outcome
+
+
+def _ranked(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    return [row for row in rows if row["status"] != "failed" and isinstance(row.get(metric), (int, float))]
 
 
 def _optuna_sampler(search: SearchConfig) -> Any:
@@ -156,7 +165,8 @@ def _optuna_sampler(search: SearchConfig) -> Any:
 
 def write_sweep_results(cfg: RunConfig, folder: Path, result: TrialsResult) -> dict[str, Any]:
     """Write the results table (CSV, Parquet), ``best.yaml``, the Pareto front and plots; attach them to the
-    sweep's parent run."""
+    sweep's parent run. ``best.yaml`` is the trial with the highest verified AutoAttack accuracy when trials
+    were verified (``eval.verify``), else the best by the searched metric."""
     import pandas as pd
 
     rows = result.rows
@@ -169,10 +179,14 @@ def write_sweep_results(cfg: RunConfig, folder: Path, result: TrialsResult) -> d
         path = folder / f"results.{suffix}"
         tables.write_table(frame, path)
         written.append(path)
-    ranked = [row for row in rows if row["status"] != "failed" and isinstance(row.get(metrics[0]), (int, float))]
+    ranked = _ranked(rows, metrics[0])
+    verified = _ranked(rows, VERIFY_COLUMNS[0])
     best = None
-    if ranked:
+    if verified:
+        best = max(verified, key=lambda row: row[VERIFY_COLUMNS[0]])
+    elif ranked:
         best = (max if modes[0] == "max" else min)(ranked, key=lambda row: row[metrics[0]])
+    if best is not None:
         overrides = {key.removeprefix("param."): value for key, value in best.items() if key.startswith("param.")}
         best_cfg = cfg.with_overrides({**overrides, "search": None, "ablation": None}, source="the best trial")
         best_path = folder / "best.yaml"
@@ -191,5 +205,6 @@ def write_sweep_results(cfg: RunConfig, folder: Path, result: TrialsResult) -> d
     if ranked:
         plots.optimisation_history(frame[frame["status"] != "failed"], metrics[0], modes[0], folder / "history.png")
         written.append(folder / "history.png")
-    result.attach(written, {f"best_trial_{m}": best[m] for m in metrics if m in best} if best else None)
+    result.attach(written, {**totals(rows), **({f"best_trial_{m}": best[m] for m in (*metrics, *VERIFY_COLUMNS)
+                                                if isinstance(best.get(m), (int, float))} if best else {})})
     return {"rows": rows, "best": best, "pareto": front, "files": written, "parent_run_id": result.parent_run_id}

@@ -9,6 +9,7 @@ attack from an independently trained surrogate) and judges the accuracies with
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -27,10 +28,12 @@ from crdnd_ray.config import RunConfig
 from crdnd_ray.data import build_datasets
 from crdnd_ray.engine.loop import LoopContext, configure_threads, run_training
 from crdnd_ray.engine.teachers import teacher_run_config
-from crdnd_ray.robustness import (SURROGATE_DIR, VerifyError, VerifyResult, VerifySettings, eps_multiples,
-                                  run_checks, write_verify)
+from crdnd_ray.robustness import (SURROGATE_DIR, VERIFY_FILE, VerifyError, VerifyResult, VerifySettings,
+                                  eps_multiples, read_verify, run_checks, write_verify)
+from crdnd_ray.tracking.store import Recorder, TrackingUnavailable, download_artifact
 
-__all__ = ["surrogate_config", "train_surrogate", "verify_model", "verify_run_folder"]
+__all__ = ["VERIFY_COLUMNS", "record_verification", "surrogate_config", "train_surrogate", "verified_columns",
+           "ablation_choice", "sweep_choice", "verify_model", "verify_rows", "verify_run_folder", "verify_target", "verify_trials", "warnings_of"]
 
 
 def _correct(model: nn.Module, attack: attacks.AttackFn, batches: list[tuple[Tensor, Tensor]],
@@ -216,3 +219,148 @@ def verify_run_folder(folder: str | Path, *, checkpoint: Literal["best", "last"]
     return result
 
 
+
+
+VERIFY_COLUMNS = ("verify_autoattack_acc", "verify_gap_pgd20_autoattack", "verify_worst_case_acc")
+"""The verified numbers a sweep's or ablation's table shows next to the searched ones (plus ``verify``)."""
+
+
+def verify_trials(folder: Path, trial_ids: list[str], progress: Callable[[str], None] | None = None,
+                  ) -> dict[str, VerifyResult]:
+    """Verify the best checkpoint of these trials of a sweep or ablation folder (``trials/<id>/``).
+
+    One transfer surrogate serves them all: it is trained once into ``<folder>/verify/surrogate`` (and again
+    only for a trial whose surrogate config differs).
+    """
+    results: dict[str, VerifyResult] = {}
+    for trial_id in trial_ids:
+        trial_folder = Path(folder) / "trials" / trial_id
+        surrogate = train_surrogate(runs.read_config(trial_folder), Path(folder) / SURROGATE_DIR, progress=progress)
+        if progress:
+            progress(f"verifying trial {trial_id}: AutoAttack and the sanity checks")
+        results[trial_id] = verify_run_folder(trial_folder, surrogate=surrogate, progress=progress)
+    return results
+
+
+def verified_columns(result: VerifyResult) -> dict[str, Any]:
+    """The columns a results table gets for a verified run: :data:`VERIFY_COLUMNS` and the verdict ``verify``."""
+    metrics = result.metrics()
+    return {**{name: metrics.get(name) for name in VERIFY_COLUMNS}, "verify": result.verdict}
+
+
+def record_verification(recorder: Recorder, run_id: str, result: VerifyResult, folder: Path) -> None:
+    """Log a verification to its MLflow run: the numbers as metrics, the verdicts as tags, ``verify.json``."""
+    recorder.log_metrics(run_id, result.metrics())
+    recorder.set_tags(run_id, result.tags())
+    recorder.log_artifacts(run_id, [Path(folder) / VERIFY_FILE])
+
+
+def warnings_of(result: VerifyResult, name: str) -> list[str]:
+    """The plain-language line of every check that warns, naming the run."""
+    return [f"{name}: {check.message}" for check in result.checks if check.verdict == "warn"]
+
+
+def verify_rows(folder: Path, rows: list[dict[str, Any]], trial_ids: list[str], recorder: Recorder | None,
+                parent_run_id: str | None, printer: Callable[[str], None]) -> None:
+    """Verify the trials ``trial_ids`` of a sweep's or ablation's result ``rows``: add the verified columns
+    to their rows, log each verification to the trial's MLflow run, and print every warning in plain words."""
+    results = verify_trials(folder, trial_ids, printer)
+    for row in rows:
+        result = results.get(row["trial_id"])
+        if result is None:
+            continue
+        row.update(verified_columns(result))
+        for line in warnings_of(result, row["trial"]):
+            printer(f"warning: {line}")
+        run_id = recorder.find_child(parent_run_id, row["trial_id"]) if recorder and parent_run_id else None
+        if run_id is not None:
+            try:
+                record_verification(recorder, run_id, result, Path(folder) / "trials" / row["trial_id"])
+            except TrackingUnavailable:
+                printer(f"the verification of {row['trial']} waits in its folder: the tracking store does not answer")
+
+
+def verify_target(target: str, *, tracking_uri: str | None = None, checkpoint: Literal["best", "last"] = "best",
+                  limit: int | None = None, transfer: bool = True,
+                  printer: Callable[[str], None] = print) -> list[tuple[str, VerifyResult]]:
+    """``crdnd-ray verify TARGET``: verify a run folder, the best trials of a sweep folder (its ``verify_top``
+    and Pareto front; for an ablation folder each variant's best seed), or an MLflow run by id (its
+    ``config.yaml`` and checkpoint are downloaded). Results go to ``verify.json`` in each folder and to the
+    run's MLflow record when it has one. Returns ``(name, result)`` per verified run.
+    """
+    import tempfile
+
+    import pandas as pd
+
+    from crdnd_ray.config import TrackingConfig
+
+    path = Path(target)
+    info = runs.read_run_info(path) if path.is_dir() else {}
+    kind = info.get("kind")
+    if kind in ("sweep", "ablation"):
+        cfg = runs.read_config(path)
+        table = path / ("results.csv" if kind == "sweep" else "cells.csv")
+        if not table.is_file():
+            raise VerifyError(f"'{path}' holds no {table.name}: the {kind} has not written its results yet. "
+                              f"Let it finish (or --resume it) first.")
+        rows = pd.read_csv(table).to_dict("records")
+        chosen = (sweep_choice(rows, cfg) if kind == "sweep" else ablation_choice(rows, cfg))
+        recorder = Recorder(cfg.tracking, cfg.experiment.name) if cfg.tracking.enabled else None
+        verify_rows(path, rows, chosen, recorder, info.get("mlflow_run_id"), printer)
+        pd.DataFrame(rows).to_csv(table, index=False)
+        return [(row["trial"], read_verify(path / "trials" / row["trial_id"])["best"]) for row in rows
+                if row["trial_id"] in chosen]
+    if path.is_dir():
+        result = verify_run_folder(path, checkpoint=checkpoint, limit=limit, transfer=transfer, progress=printer)
+        cfg = runs.read_config(path)
+        if info.get("mlflow_run_id") and cfg.tracking.enabled:
+            record_verification(Recorder(cfg.tracking, cfg.experiment.name), info["mlflow_run_id"], result, path)
+        return [(str(path), result)]
+    if not re.fullmatch(r"[0-9a-f]{32}", target):
+        raise VerifyError(f"'{target}' is neither a folder nor an MLflow run id. Pass a run, sweep or ablation output "
+                          "folder, or a 32-character run id (with --tracking-uri for its store).")
+    tracking = TrackingConfig(uri=tracking_uri) if tracking_uri else TrackingConfig()
+    folder = Path(tempfile.mkdtemp(prefix="crdnd-ray-verify-"))
+    for name in (runs.CONFIG_FILE, runs.BEST_CHECKPOINT if checkpoint == "best" else runs.LAST_CHECKPOINT):
+        try:
+            shutil.copy(download_artifact(tracking, target, name), folder / name)
+        except Exception as error:  # noqa: BLE001 - MLflow raises several types for a missing run or artifact
+            raise VerifyError(f"The MLflow run {target} in {tracking.uri} has no artifact '{name}' ({error}). Pass "
+                              "the store that holds it with --tracking-uri, or verify its output folder.") from None
+    result = verify_run_folder(folder, checkpoint=checkpoint, limit=limit, transfer=transfer, progress=printer)
+    cfg = runs.read_config(folder)
+    record_verification(Recorder(tracking, cfg.experiment.name), target, result, folder)
+    return [(target, result)]
+
+
+def sweep_choice(rows: list[dict[str, Any]], cfg: RunConfig) -> list[str]:
+    """A sweep's trials to verify: its ``eval.verify_top`` best by the searched metric and its Pareto front."""
+    from crdnd_ray.analysis import pareto_rows
+
+    assert cfg.search is not None
+    metric, mode = cfg.search.metrics[0], cfg.search.modes[0]
+    ranked = sorted((row for row in rows if row["status"] != "failed" and _number(row.get(metric))),
+                    key=lambda row: row[metric], reverse=mode == "max")
+    chosen = [row["trial_id"] for row in ranked[:cfg.eval.verify_top]]
+    if len(cfg.search.metrics) > 1:
+        chosen += [row["trial_id"] for row in pareto_rows(rows, cfg.search.metrics, cfg.search.modes)]
+    return list(dict.fromkeys(chosen))
+
+
+def ablation_choice(rows: list[dict[str, Any]], cfg: RunConfig) -> list[str]:
+    """An ablation's trials to verify: each variant's best finished seed by its first metric, or every finished
+    seed with ``eval.verify_seeds: all``."""
+    assert cfg.ablation is not None
+    metric = cfg.ablation.metrics[0]
+    finished = [row for row in rows if row["status"] == "finished" and _number(row.get(metric))]
+    if cfg.eval.verify_seeds == "all":
+        return [row["trial_id"] for row in finished]
+    best: dict[str, dict[str, Any]] = {}
+    for row in finished:
+        if row["variant"] not in best or row[metric] > best[row["variant"]][metric]:
+            best[row["variant"]] = row
+    return [row["trial_id"] for row in best.values()]
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and value == value

@@ -111,6 +111,12 @@ class Distiller(nn.Module):
         """The training loss and its parts, given the batch and the outputs of :meth:`attack_phase`."""
         raise NotImplementedError
 
+    @property
+    def attack_passes_per_example(self) -> int:
+        """Forward-and-backward passes through the student that the inner attack spends per training example
+        (its PGD steps; none for a method without an attack). The loop counts them for compute accounting."""
+        return 0 if type(self).attack_phase is Distiller.attack_phase else self.attack.steps
+
     @torch.no_grad()
     def teacher_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The teacher's logits and penultimate features on ``x`` (no gradients)."""

@@ -24,8 +24,9 @@ FORMATS = ("table", "md", "csv", "parquet")
 """Formats of ``crdnd-ray report --format``."""
 
 _SUFFIX = {"md": ".md", "csv": ".csv", "parquet": ".parquet", "table": ".md"}
-KEY_METRICS = ("best_clean_acc", "best_pgd20_acc", "best_cw_acc", "best_autoattack_acc")
-"""The final metrics a terminal table shows after the ranking metric, when recorded."""
+KEY_METRICS = ("verify_autoattack_acc", "best_clean_acc", "best_pgd20_acc", "best_cw_acc", "best_autoattack_acc")
+"""The final metrics a terminal table shows after the ranking metric, when recorded: the verified AutoAttack
+accuracy first, so the searched number is read next to the one that survived a stronger attack."""
 
 
 def format_table(frame: pd.DataFrame, fmt: str = "table", title: str | None = None) -> str:
@@ -87,7 +88,7 @@ def terminal_table(frame: pd.DataFrame, metric: str | None, mode: str, title: st
         shown = frame.assign(_key=values).sort_values("_key", ascending=(mode == "min"), na_position="last",
                                                       kind="stable").drop(columns="_key")
     width = width or shutil.get_terminal_size((120, 24)).columns
-    tags = [c for c in ("variant", "seed") if c in shown.columns]
+    tags = [c for c in ("variant", "seed", "verify") if c in shown.columns]
     params = [c for c in shown.attrs.get("sampled", []) if c in shown.columns]
     metrics = [m for m in dict.fromkeys([metric, *KEY_METRICS]) if m in shown.columns][:4]
     labels = {"run_name": "run", "status": "status", **{t: t for t in tags}, **_short_labels(params),

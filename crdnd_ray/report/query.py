@@ -15,8 +15,9 @@ if TYPE_CHECKING:
 
 __all__ = ["check_experiment", "client_for", "default_metrics", "runs_frame"]
 
-_PREFERRED = ("best_clean_acc", "best_fgsm_acc", "best_pgd20_acc", "best_cw_acc", "best_autoattack_acc")
-_TAG_COLUMNS = ("variant", "seed")
+_PREFERRED = ("best_clean_acc", "best_fgsm_acc", "best_pgd20_acc", "best_cw_acc", "best_autoattack_acc",
+              "verify_autoattack_acc")
+_TAG_COLUMNS = ("variant", "seed", "verify")
 
 
 def _to_numeric_if_possible(column: pd.Series) -> pd.Series:

@@ -128,3 +128,30 @@ def test_resume_falls_back_to_the_previous_state_when_the_newest_is_torn(digits_
     result = CliRunner().invoke(app, ["train", "--resume", str(folder)])
     assert result.exit_code == 2 and "No training state to resume from" in result.output
     assert "Traceback" not in result.output
+
+
+def test_the_loop_accounts_for_its_compute_cumulatively_across_a_resume(digits_teacher: Path, tmp_path: Path):
+    cfg = small_config(**{"teacher.checkpoint": str(digits_teacher), "train.epochs": 3,
+                          "train.max_steps_per_epoch": 4})
+    teacher = load_teacher(cfg, digits_teacher)
+    folder = tmp_path / "run"
+
+    def interrupt(epoch: int) -> None:
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg, folder, teacher, LoopContext(on_epoch_start=interrupt))
+    run_training(cfg, folder, teacher, LoopContext(resume_from=folder / runs.STATE_DIR))
+    rows = runs.read_metrics(folder)
+    per_epoch = 4 * cfg.data.batch_size
+    assert [row["cost_images"] for row in rows] == [per_epoch, 2 * per_epoch, 3 * per_epoch]
+    assert [row["cost_attack_passes"] for row in rows] == [n * per_epoch * cfg.attack.steps for n in (1, 2, 3)]
+    device = [row["cost_device_s"] for row in rows]
+    wall = [row["cost_wall_s"] for row in rows]
+    assert 0 < device[0] < device[1] < device[2] and 0 < wall[0] < wall[1] < wall[2]
+    final = runs.last_report(folder)
+    natural = small_config(**{"method.name": "natural", "train.epochs": 1, "train.max_steps_per_epoch": 2})
+    run_training(natural, tmp_path / "natural", None, LoopContext())
+    assert runs.read_metrics(tmp_path / "natural")[0]["cost_attack_passes"] == 0, "no inner attack, no passes"
+    assert final["epoch"] == 3

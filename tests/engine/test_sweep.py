@@ -253,3 +253,34 @@ def test_a_sweep_whose_every_trial_fails_exits_1_with_the_reasons(tmp_path, digi
     assert "no trial of the sweep finished (2 of 2 failed" in message and "NaN" in message
     assert "Traceback" not in done.stderr
     assert len(pd.read_csv(tmp_path / "sweep" / "results.csv")) == 2
+
+
+def test_a_verified_sweep_picks_its_best_by_autoattack_and_its_costs_add_up(tmp_path, ray_session, digits_teacher):
+    from mlflow import MlflowClient
+
+    cfg = sweep_config(tmp_path, **{"teacher.checkpoint": str(digits_teacher), "train.epochs": 2,
+                                    "search.num_samples": 2, "search.scheduler": {"kind": "none"},
+                                    "search.sampler": {"kind": "random", "seed": 3}, "eval.verify": True,
+                                    "eval.verify_top": 2, "eval.final_limit": 48, "teacher.training.epochs": 2})
+    lines: list[str] = []
+    outcome = run_sweep(cfg, tmp_path / "sweep", printer=lines.append)
+    verified = [row for row in outcome["rows"] if isinstance(row.get("verify_autoattack_acc"), float)]
+    assert len(verified) == 2 and all(row["verify"] in ("pass", "warn") for row in verified)
+    assert outcome["best"]["verify_autoattack_acc"] == max(row["verify_autoattack_acc"] for row in verified)
+    assert "# best trial " + outcome["best"]["trial_id"] in (tmp_path / "sweep" / "best.yaml").read_text()
+    table = pd.read_csv(tmp_path / "sweep" / "results.csv")
+    assert {"verify_autoattack_acc", "verify", "verify_gap_pgd20_autoattack"} <= set(table.columns)
+    assert (tmp_path / "sweep" / "verify" / "surrogate" / "best.pt").is_file(), "one surrogate for the sweep"
+
+    client = MlflowClient(cfg.tracking.uri)
+    parent = client.get_run(outcome["parent_run_id"])
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    for child in children:
+        row = next(r for r in outcome["rows"] if r["trial_id"] == child.data.tags["trial_id"])
+        assert child.data.metrics["verify_autoattack_acc"] == pytest.approx(row["verify_autoattack_acc"])
+        assert child.data.tags["verify"] == row["verify"] and "verify.autoattack_gap" in child.data.tags
+        assert "verify.json" in {item.path for item in client.list_artifacts(child.info.run_id)}
+    for key in ("cost_images", "cost_device_s", "cost_attack_passes"):
+        assert parent.data.metrics[key.replace("cost_", "total_")] == pytest.approx(table[key].sum()), key
+    assert table["cost_images"].min() == 2 * 6 * 64, "2 epochs of 6 steps of 64 examples per trial"
+    assert any(line.startswith("verifying trial") for line in lines)
