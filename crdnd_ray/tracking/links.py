@@ -202,11 +202,11 @@ def runs_view_state(*, params: Sequence[str] = (), metrics: Sequence[str] = (), 
                     order_by: str | None = None, ascending: bool = False, search_filter: str = "",
                     column_width: int | None = None, charts: dict | None = None,
                     show_all_runs_in_charts: bool = True) -> dict:
-    """The runs-page state a saved view restores: these tag, param and metric columns, in this order after
+    """The runs-page state a saved view restores: these tag, metric and param columns, in this order after
     the run name, start time and duration (``column_width`` pixels wide, default sized to the name), the
     filter, the sort (a :func:`column_id`; default the start time, the only order that keeps child runs
     nested under their parent) and optionally charts (:func:`parallel_coordinates_chart`)."""
-    named = ([("tags", t) for t in tags] + [("params", p) for p in params] + [("metrics", m) for m in metrics])
+    named = [("tags", t) for t in tags] + [("metrics", m) for m in metrics] + [("params", p) for p in params]
     columns = [column_id(kind, key) for kind, key in named]
     widths = {column_id(kind, key): column_width or min(220, max(120 if kind == "tags" else 90, 7 * len(key) + 40))
               for kind, key in named}

@@ -52,8 +52,8 @@ def test_trials_view_tag_holds_the_ui_envelope() -> None:
     state = json.loads(envelope["state"])
     assert state["searchFilter"] == ui_links.children_filter(PARENT)
     assert state["orderByKey"] == "metrics.`pgd20_acc`" and state["orderByAsc"] is False
-    assert state["selectedColumns"] == ["tags.`status`", "params.`method.temperature`", "params.`train.lr`",
-                                        "metrics.`pgd20_acc`", "metrics.`best_pgd20_acc`"]
+    assert state["selectedColumns"] == ["tags.`status`", "metrics.`pgd20_acc`", "metrics.`best_pgd20_acc`",
+                                        "params.`method.temperature`", "params.`train.lr`"]
     assert set(state["selectedColumns"]) <= set(state["columnOrder"]) == set(state["columnWidths"])
     (chart,) = state["compareRunCharts"]
     assert chart["type"] == "PARALLEL" and chart["selectedMetrics"] == ["pgd20_acc"]

@@ -1,4 +1,5 @@
-"""The MLflow UI links of crdnd_ray.tracking.links, opened in a real (headless) browser against a real server.
+"""The MLflow UI in a real (headless) browser: the link `crdnd-ray ui` prints for a recorded sweep, and the saved view
+of a store filled by hand (a trial stopped early: KILLED and grey), served by crdnd-ray's own MLflow server.
 
 A small store gets a sweep (parent tagged run_kind=sweep, four nested trials, one stopped early by the
 scheduler: MLflow status KILLED, tag status=stopped_early, grey run colour) and the sweep's saved view;
@@ -7,18 +8,15 @@ scheduler: MLflow status KILLED, tag status=stopped_early, grey run colour) and 
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from browser_check import MISSING, find_chromium, render
+from conftest import CLI, REPO, free_port
 from crdnd_ray.tracking import links as ui_links
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(find_chromium() is None, reason=MISSING)]
@@ -66,45 +64,57 @@ def _fill_store(uri: str) -> tuple[str, str]:
 
 @pytest.fixture
 def ui_server(tmp_path: Path):
-    """``mlflow server`` on a free loopback port over a filled SQLite store: (url, experiment id, parent id)."""
+    """crdnd-ray's own ``mlflow server`` on a free loopback port over a filled SQLite store:
+    (url, experiment id, parent id)."""
+    from crdnd_ray.tracking.server import start_server, stop_server
+
     uri = f"sqlite:///{(tmp_path / 'mlflow.db').as_posix()}"
     experiment, parent = _fill_store(uri)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-           "MLFLOW_SERVER_ALLOWED_HOSTS": "localhost,localhost:*,127.0.0.1,127.0.0.1:*",
-           "PYTHONWARNINGS": "ignore:starlette.middleware.wsgi is deprecated:UserWarning"}
-    log = tmp_path / "server.log"
-    with open(log, "wb") as handle:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--registry-store-uri", uri,
-             "--artifacts-destination", (tmp_path / "artifacts").as_uri(), "--host", "127.0.0.1",
-             "--port", str(port), "--workers", "1", "--uvicorn-opts", "--no-access-log"],
-            env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    deadline = time.monotonic() + 90
+    process, url = start_server(free_port(), "127.0.0.1", uri, tmp_path / "artifacts", log_file=tmp_path / "server.log")
     try:
-        while True:
-            try:
-                with opener.open(f"{url}/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not start:\n{log.read_text(errors='replace')[-3000:]}")
-            time.sleep(0.25)
         yield url, experiment, parent
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait(15)
+        stop_server(process)
+
+
+@pytest.fixture(scope="module")
+def recorded_sweep(tmp_path_factory: pytest.TempPathFactory, digits_teacher: Path) -> Path:
+    """A small real sweep (``crdnd-ray sweep`` on digits: 3 trials of 2 epochs) recorded in a SQLite store."""
+    folder = tmp_path_factory.mktemp("recorded")
+    done = subprocess.run([*CLI, "sweep", str(REPO / "search_spaces" / "digits.yaml"), "--output", "sweep",
+                           "--set", "tracking.uri=sqlite:///mlflow.db", "--set", f"teacher.checkpoint={digits_teacher}",
+                           "--set", "train.epochs=2", "--set", "train.max_steps_per_epoch=4",
+                           "--set", "eval.epoch_limit=32", "--set", "eval.final_limit=32",
+                           "--set", "search.num_samples=3", "--set", "search.scheduler.kind=none"],
+                          cwd=folder, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return folder
+
+
+def test_the_printed_link_of_a_recorded_sweep_shows_its_trials_with_metric_columns(recorded_sweep: Path,
+                                                                                   tmp_path: Path) -> None:
+    import pandas as pd
+
+    trials = list(pd.read_csv(recorded_sweep / "sweep" / "results.csv")["trial"])
+    port = free_port()
+    ui = subprocess.Popen([*CLI, "ui", "--port", str(port), "--tracking-uri", "sqlite:///mlflow.db"],
+                          cwd=recorded_sweep, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        printed = dict(line.rsplit(": ", 1) for line in (ui.stdout.readline().strip() for _ in range(5)) if ": " in line)
+        ranked = next(url for label, url in printed.items() if "trials ranked" in label)
+        page = render(ranked, tmp_path, "recorded_sweep", expect=trials)
+        print(f"\n{ranked}\nscreenshot: {page.screenshot}")
+        for name in trials:
+            assert name in page.text, f"{name} missing from the rendered page:\n{page.text[:3000]}"
+        metric_columns = [c for c in page.column_headers if c.startswith("metrics.")]
+        assert metric_columns and "params.`method.temperature`" in page.column_headers, page.column_headers
+        assert page.screenshot is not None and page.screenshot.stat().st_size > 10_000
+        landing = render(next(url for label, url in printed.items() if "all runs" in label), screenshot=False,
+                         expect=trials[:1])
+        assert landing.title.startswith("Runs"), landing.title
+    finally:
+        ui.send_signal(signal.SIGINT)
+        ui.wait(30)
 
 
 def test_sweep_view_link_shows_ranked_trials_with_param_and_metric_columns(ui_server, tmp_path: Path) -> None:
