@@ -56,7 +56,7 @@ def measure(mode: str, overrides: dict, trials: int, concurrent: int) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
         run_trials(cfg, Path(folder), kind="overhead", param_space={"seed": tune.grid_search(list(range(trials)))},
-                   spec=spec, num_samples=1, max_concurrent=concurrent, metrics=["pgd20_acc"], modes=["max"],
+                   spec=spec, num_samples=1, max_concurrent=concurrent, metrics=["epoch_pgd20_acc"], modes=["max"],
                    teacher_path=teacher, printer=lambda line: None, extra_callbacks=[Timer()])
         wall = time.perf_counter() - started
         nodes = [runs.read_placements(trial)[0]["nodes"] for trial in sorted(Path(folder).glob("trials/*"))]

@@ -37,7 +37,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from crdnd_ray.data import DataError
     from crdnd_ray.engine.resources import ResourceError
     from crdnd_ray.robustness import VerifyError
-    from crdnd_ray.tracking.store import TrackingUnavailable
+    from crdnd_ray.tracking.uris import TrackingUnavailable
 
     return ConfigError, DataError, CheckpointError, UsageError, ResourceError, TrackingUnavailable, VerifyError
 

@@ -37,8 +37,8 @@ def _save(figure: Any, path: Path | str) -> Path:
     return path
 
 
-_EVAL_ACCURACY = re.compile(r"^(clean|fgsm|pgd\d*|cw\d*|autoattack)_acc$")
-_NOT_LOSS_PREFIXES = ("best_", "last_", "weight_", "teacher_")
+_EVAL_ACCURACY = re.compile(r"^epoch_(clean|fgsm|pgd\d*|cw\d*|autoattack)_acc$")
+_NOT_LOSS_PREFIXES = ("best_", "last_", "weight_", "train_", "cost_", "epoch_")
 _NOT_LOSS_SUFFIXES = ("_acc", "_at", "_s", "_best_so_far", "_diag")
 
 
@@ -46,8 +46,9 @@ def curve_keys(keys: Sequence[str]) -> tuple[list[str], list[str]]:
     """Split epoch-row keys into loss terms (``loss`` first, then its parts) and evaluation accuracies.
 
     Loss parts are every key that is not bookkeeping (``epoch``, ``lr``, times, stamps), a diagnostic
-    (``weight_*``, ``teacher_*``, ``*_diag``), an accuracy or a final metric. Evaluation accuracies are the
-    attack suite's (``clean_acc``, ``pgd20_acc``, ``fgsm_acc``, ``cw_acc``, ``autoattack_acc``), all in %.
+    (``weight_*``, ``train_*`` accuracies, ``*_diag``), compute (``cost_*``), an accuracy or a final metric.
+    Evaluation accuracies are the attack suite's on each epoch's model (``epoch_clean_acc``,
+    ``epoch_pgd20_acc``, ...), all in %.
     """
     losses = [k for k in keys if k not in ("epoch", "lr") and not k.startswith(_NOT_LOSS_PREFIXES)
               and not k.endswith(_NOT_LOSS_SUFFIXES)]

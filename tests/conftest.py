@@ -168,6 +168,10 @@ def mlflow_server(empty_store: Path, tmp_path: Path):
         assert process.poll() is not None
 
 
+#: Keys of an epoch row that measure time, so differ between two runs that are otherwise identical.
+TIMING_KEYS = ("images_per_s", "epoch_time_s", "epoch_started_at", "cost_device_s", "cost_wall_s")
+
+
 def write_run_folder(folder: Path, epochs: int = RUN_EPOCHS, final: bool = True, seed: int = 0) -> dict:
     """A run output folder as the training loop writes it; returns the config dict."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -177,9 +181,9 @@ def write_run_folder(folder: Path, epochs: int = RUN_EPOCHS, final: bool = True,
     with open(folder / "metrics.jsonl", "w") as handle:
         for epoch in range(epochs):
             row = {"epoch": epoch + 1, "lr": 0.05 / (epoch + 1), "images_per_s": 1000.0 + epoch, "epoch_time_s": 1.5,
-                   "epoch_started_at": 1.7e9 + epoch, "pgd20_best_so_far": 20.0 + 5 * epoch + seed,
+                   "epoch_started_at": 1.7e9 + epoch, "epoch_pgd20_best_so_far": 20.0 + 5 * epoch + seed,
                    "loss": 2.0 - 0.5 * epoch, "loss_kd": 1.0 - 0.2 * epoch, "loss_contrast": 0.5,
-                   "clean_acc": 40.0 + 10 * epoch + seed, "pgd20_acc": 20.0 + 5 * epoch + seed}
+                   "epoch_clean_acc": 40.0 + 10 * epoch + seed, "epoch_pgd20_acc": 20.0 + 5 * epoch + seed}
             handle.write(json.dumps(row) + "\n")
     (folder / "best.pt").write_bytes(b"checkpoint-bytes" * 10)
     (folder / "last.pt").write_bytes(b"last")

@@ -150,7 +150,7 @@ def test_crdnd_without_components_equals_rslad(teacher, batch):
     torch.testing.assert_close(parts_c["kd_nat"], parts_r["kd_nat"])
     for grad_c, grad_r in zip(grads_c, grads_r):
         torch.testing.assert_close(grad_c, grad_r)
-    assert {"kd_adv", "kd_nat", "teacher_acc", "adv_acc"} <= set(parts_c)
+    assert {"kd_adv", "kd_nat", "train_teacher_acc", "train_adv_acc"} <= set(parts_c)
 
 
 def test_rslad_loss_is_a_tenth_of_batch_mean_kl(teacher, batch):

@@ -19,10 +19,12 @@ def assert_png(path: Path) -> None:
 
 
 def test_curve_keys_split_losses_from_accuracies() -> None:
-    row = ["epoch", "lr", "images_per_s", "epoch_time_s", "epoch_started_at", "adv_acc", "contrast", "kd_adv", "kd_nat",
-           "loss", "teacher_acc", "teacher_adv_acc", "weight_mean", "weight_min", "transition_fit", "transition_diag",
-           "clean_acc", "pgd20_acc", "pgd20_best_so_far", "best_pgd20_acc", "last_clean_acc"]
-    assert plots.curve_keys(row) == (["loss", "contrast", "kd_adv", "kd_nat", "transition_fit"], ["clean_acc", "pgd20_acc"])
+    row = ["epoch", "lr", "images_per_s", "epoch_time_s", "epoch_started_at", "train_adv_acc", "contrast", "kd_adv",
+           "kd_nat", "loss", "train_teacher_acc", "train_teacher_adv_acc", "weight_mean", "weight_min", "transition_fit",
+           "transition_diag", "epoch_clean_acc", "epoch_pgd20_acc", "epoch_pgd20_best_so_far", "best_pgd20_acc",
+           "last_clean_acc", "cost_images", "cost_wall_s"]
+    assert plots.curve_keys(row) == (["loss", "contrast", "kd_adv", "kd_nat", "transition_fit"],
+                                     ["epoch_clean_acc", "epoch_pgd20_acc"])
 
 
 def sweep_frame() -> pd.DataFrame:
@@ -35,8 +37,8 @@ def sweep_frame() -> pd.DataFrame:
 
 
 def test_plots_are_png_files(tmp_path: Path) -> None:
-    history = [{"epoch": e, "loss": 2.0 - 0.4 * e, "kd_adv": 1.0 - 0.1 * e, "contrast": 0.5, "adv_acc": 0.3,
-                "clean_acc": 40.0 + e, "pgd20_acc": 20.0 + e, "lr": 0.1, "weight_mean": 0.7} for e in range(4)]
+    history = [{"epoch": e, "loss": 2.0 - 0.4 * e, "kd_adv": 1.0 - 0.1 * e, "contrast": 0.5, "train_adv_acc": 0.3,
+                "epoch_clean_acc": 40.0 + e, "epoch_pgd20_acc": 20.0 + e, "lr": 0.1, "weight_mean": 0.7} for e in range(4)]
     assert_png(plots.learning_curves(history, tmp_path / "curve.png"))
     frame = sweep_frame()
     assert_png(plots.optimisation_history(frame, "best_pgd20_acc", "max", tmp_path / "history.png"))

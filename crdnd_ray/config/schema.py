@@ -271,7 +271,7 @@ class EvalConfig(_Section):
     @property
     def selection_metric(self) -> str:
         """The per-epoch metric that picks the best checkpoint: the last epoch attack's accuracy."""
-        return f"{self.epoch_attacks[-1]}_acc"
+        return f"epoch_{self.epoch_attacks[-1]}_acc"
 
     @property
     def final_attack_names(self) -> list[str]:
@@ -345,7 +345,7 @@ class SchedulerConfig(_Section):
 class SearchConfig(_Section):
     """The Ray Tune + Optuna search (``crdnd-ray sweep``)."""
 
-    metric: str | list[str] = "pgd20_acc"
+    metric: str | list[str] = "epoch_pgd20_acc"
     mode: Literal["max", "min"] | list[Literal["max", "min"]] = "max"
     num_samples: int = Field(default=8, ge=1)
     max_concurrent: int = Field(default=2, ge=1)
@@ -391,7 +391,7 @@ class AblationConfig(_Section):
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     variants: dict[str, dict[str, Any]] = Field(default_factory=dict)
     baseline: str | None = None
-    metrics: list[str] = Field(default_factory=lambda: ["clean_acc", "pgd20_acc", "cw_acc"])
+    metrics: list[str] = Field(default_factory=lambda: ["best_clean_acc", "best_pgd20_acc", "best_cw_acc"])
     from_sweep: str | None = None
     max_concurrent: int = Field(default=2, ge=1)
 

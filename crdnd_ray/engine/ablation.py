@@ -38,7 +38,7 @@ def validate_ablation(cfg: RunConfig) -> AblationConfig:
         except ConfigError as error:
             raise ConfigError(f"ablation variant '{name}' is invalid: {error}") from None
     check_config(cfg)
-    known = ({f"{a}_acc" for a in cfg.eval.epoch_attacks}
+    known = ({f"epoch_{a}_acc" for a in cfg.eval.epoch_attacks}
              | {f"{w}_{a}_acc" for w in ("best", "last") for a in cfg.eval.final_attack_names})
     for metric in ablation.metrics:
         if metric not in known:

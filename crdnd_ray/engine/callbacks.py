@@ -16,7 +16,8 @@ from ray import tune
 from crdnd_ray import runs
 from crdnd_ray.config import flatten
 from crdnd_ray.tracking.record import RunRecord
-from crdnd_ray.tracking.store import Recorder, TrackingUnavailable
+from crdnd_ray.tracking.store import Recorder
+from crdnd_ray.tracking.uris import TrackingUnavailable
 
 __all__ = ["TUNE_KEYS", "TrialRecorder", "TrialSpec", "TrialsProgress", "TrialsSnapshot", "loop_report", "trial_error",
            "trial_status"]

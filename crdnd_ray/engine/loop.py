@@ -319,7 +319,7 @@ def run_training(cfg: RunConfig, output_dir: Path, teacher: nn.Module | None,
                                           eps=cfg.eval.eps, limit=cfg.eval.epoch_limit,
                                           batch_size=cfg.data.eval_batch_size, rank=context.rank,
                                           world_size=context.world_size, device=device, runner=runners())
-        row.update({k: v for k, v in evaluation.items() if k != "n_eval"})
+        row.update({f"epoch_{k}": v for k, v in evaluation.items() if k != "n_eval"})
         row.update(_add_cost(cost, images=global_steps * loader.batch_size,
                              attack_passes=global_steps * loader.batch_size * distiller.attack_passes_per_example,
                              wall_s=time.perf_counter() - started, cpu_s=time.process_time() - cpu_started,
@@ -330,7 +330,7 @@ def run_training(cfg: RunConfig, output_dir: Path, teacher: nn.Module | None,
         row[selection.removesuffix("_acc") + "_best_so_far"] = best_score
         history.append(row)
         if context.progress and is_main:
-            shown = "  ".join(f"{k}={row[k]:.4g}" for k in ("loss", *[f"{a}_acc" for a in cfg.eval.epoch_attacks],
+            shown = "  ".join(f"{k}={row[k]:.4g}" for k in ("loss", *[f"epoch_{a}_acc" for a in cfg.eval.epoch_attacks],
                                                                    "lr", "images_per_s") if k in row)
             context.progress(f"epoch {epoch + 1}/{cfg.train.epochs}: {shown}")
 

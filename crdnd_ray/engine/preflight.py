@@ -27,7 +27,7 @@ from crdnd_ray.config import ConfigError, RunConfig
 from crdnd_ray.data import DataError, require_data
 from crdnd_ray.engine.teachers import load_teacher, needs_teacher
 from crdnd_ray.methods import METHODS
-from crdnd_ray.tracking.store import TrackingUnavailable, check_store
+from crdnd_ray.tracking.uris import TrackingUnavailable, check_store
 
 __all__ = ["check_config", "derived_configs", "environment_problems", "preflight"]
 

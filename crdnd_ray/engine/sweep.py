@@ -55,7 +55,7 @@ def validate_space(cfg: RunConfig) -> SearchConfig:
             "run (search.scheduler.max_t, else train.epochs), so ASHA could never stop a trial. Set grace_period to "
             f"at most {max_t}, or more train.epochs, and run the command again."
         )
-    per_epoch = [f"{name}_acc" for name in cfg.eval.epoch_attacks] + list(PER_EPOCH_EXTRA)
+    per_epoch = [f"epoch_{name}_acc" for name in cfg.eval.epoch_attacks] + list(PER_EPOCH_EXTRA)
     final = [f"{which}_{name}_acc" for which in ("best", "last") for name in cfg.eval.final_attack_names]
     for metric in search.metrics:
         allowed = per_epoch if search.scheduler.kind == "asha" else per_epoch + final

@@ -28,7 +28,8 @@ from crdnd_ray.engine.resources import ResourcePlan, plan_resources
 from crdnd_ray.engine.teachers import load_teacher
 from crdnd_ray.logs import route_library_logs
 from crdnd_ray.tracking import links
-from crdnd_ray.tracking.store import Recorder, TrackingUnavailable
+from crdnd_ray.tracking.store import Recorder
+from crdnd_ray.tracking.uris import TrackingUnavailable
 from crdnd_ray.tracking.sync import sync_trials
 
 __all__ = ["TERMINAL", "TrialSpec", "TrialsPlan", "TrialsResult", "plan_trials", "run_trials"]

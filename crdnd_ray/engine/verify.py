@@ -30,7 +30,8 @@ from crdnd_ray.engine.loop import LoopContext, configure_threads, run_training
 from crdnd_ray.engine.teachers import teacher_run_config
 from crdnd_ray.robustness import (SURROGATE_DIR, VERIFY_FILE, VerifyError, VerifyResult, VerifySettings,
                                   eps_multiples, read_verify, run_checks, write_verify)
-from crdnd_ray.tracking.store import Recorder, TrackingUnavailable, download_artifact
+from crdnd_ray.tracking.store import Recorder, download_artifact
+from crdnd_ray.tracking.uris import TrackingUnavailable
 
 __all__ = ["VERIFY_COLUMNS", "record_verification", "surrogate_config", "train_surrogate", "verified_columns",
            "ablation_choice", "sweep_choice", "verify_model", "verify_rows", "verify_run_folder", "verify_target", "verify_trials", "warnings_of"]

@@ -58,7 +58,7 @@ class ARD(Distiller):
         parts = {
             "kd_adv": kd_adv.detach(),
             "ce_nat": ce_nat.detach(),
-            "teacher_acc": accuracy(teacher_logits, y),
-            "adv_acc": accuracy(adv_logits, y),
+            "train_teacher_acc": accuracy(teacher_logits, y),
+            "train_adv_acc": accuracy(adv_logits, y),
         }
         return loss, parts, (adv_logits, nat_logits)

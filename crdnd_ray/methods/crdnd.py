@@ -128,7 +128,7 @@ class CRDND(Distiller):
         nat_logits = self.student(x)
         tau = self.temperature
         soft_teacher = F.softmax(teacher_logits / tau, dim=1)
-        parts: LossParts = {"teacher_acc": accuracy(teacher_logits, y), "adv_acc": accuracy(adv_logits, y)}
+        parts: LossParts = {"train_teacher_acc": accuracy(teacher_logits, y), "train_adv_acc": accuracy(adv_logits, y)}
 
         weights = self._trust_weights(teacher_logits, x_adv, y, parts) if self.uses_weights else None
         target = soft_teacher
@@ -165,7 +165,7 @@ class CRDND(Distiller):
         if self.compensation.on_adversarial:
             teacher_adv_logits, _ = self.teacher_outputs(x_adv)
             adv_probs = F.softmax(teacher_adv_logits, dim=1)
-            parts["teacher_adv_acc"] = accuracy(teacher_adv_logits, y)
+            parts["train_teacher_adv_acc"] = accuracy(teacher_adv_logits, y)
         weights = confidence_weights(F.softmax(teacher_logits, dim=1), y, self.compensation.beta, adv_probs)
         parts["weight_mean"] = weights.mean()
         parts["weight_min"] = weights.min()

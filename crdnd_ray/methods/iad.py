@@ -51,5 +51,5 @@ class IAD(ARD):
             loss = loss + self.alpha * introspection
             parts["introspection"] = introspection.detach()
             parts["weight_mean"] = weights.mean()
-            parts["teacher_adv_acc"] = accuracy(teacher_adv_logits, y)
+            parts["train_teacher_adv_acc"] = accuracy(teacher_adv_logits, y)
         return loss, parts

@@ -25,4 +25,4 @@ class Natural(Distiller):
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, LossParts]:
         logits = self.student(x)
         ce = F.cross_entropy(logits, y)
-        return ce, {"ce_nat": ce.detach(), "nat_acc": accuracy(logits, y)}
+        return ce, {"ce_nat": ce.detach(), "train_nat_acc": accuracy(logits, y)}

@@ -83,7 +83,7 @@ class RSLAD(Distiller):
         parts = {
             "kd_adv": kd_adv.detach(),
             "kd_nat": kd_nat.detach(),
-            "teacher_acc": accuracy(teacher_logits, y),
-            "adv_acc": accuracy(adv_logits, y),
+            "train_teacher_acc": accuracy(teacher_logits, y),
+            "train_adv_acc": accuracy(adv_logits, y),
         }
         return loss, parts

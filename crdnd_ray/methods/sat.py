@@ -37,4 +37,4 @@ class SAT(Distiller):
     def loss(self, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor) -> tuple[torch.Tensor, LossParts]:
         adv_logits = self.student(x_adv)
         ce_adv = F.cross_entropy(adv_logits, y)
-        return ce_adv, {"ce_adv": ce_adv.detach(), "adv_acc": accuracy(adv_logits, y)}
+        return ce_adv, {"ce_adv": ce_adv.detach(), "train_adv_acc": accuracy(adv_logits, y)}

@@ -55,7 +55,7 @@ class TRADES(Distiller):
         parts = {
             "ce_nat": ce_nat.detach(),
             "kl_robust": robust.detach(),
-            "nat_acc": accuracy(nat_logits, y),
-            "adv_acc": accuracy(adv_logits, y),
+            "train_nat_acc": accuracy(nat_logits, y),
+            "train_adv_acc": accuracy(adv_logits, y),
         }
         return loss, parts

@@ -13,7 +13,8 @@ from crdnd_ray import plots
 from crdnd_ray.analysis import metric_mode
 from crdnd_ray.report.query import check_experiment, client_for, runs_frame
 from crdnd_ray.tables import cell_text, is_numeric_column, markdown_table, write_table
-from crdnd_ray.tracking.store import latest_parent, normalize_tracking_uri
+from crdnd_ray.tracking.store import latest_parent
+from crdnd_ray.tracking.uris import normalize_tracking_uri
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -125,7 +126,7 @@ def summary_plots(frame: pd.DataFrame, folder: Path | str, metric: str | None = 
     if frame.empty:
         return written
     metric = metric if metric and metric in frame.columns else _first_present(
-        frame, "best_pgd20_acc", "pgd20_acc", *frame.attrs.get("metrics", []))
+        frame, "best_pgd20_acc", "epoch_pgd20_acc", *frame.attrs.get("metrics", []))
     if metric is None:
         return written
     mode = mode or metric_mode(metric)
@@ -134,8 +135,8 @@ def summary_plots(frame: pd.DataFrame, folder: Path | str, metric: str | None = 
     params = [p for p in params if p in frame.columns]
     if params:
         written.append(plots.param_vs_metric(frame, params[:9], metric, folder / f"{prefix}params.png"))
-    clean = _first_present(frame, "best_clean_acc", "clean_acc")
-    robust = _first_present(frame, "best_pgd20_acc", "pgd20_acc")
+    clean = _first_present(frame, "best_clean_acc", "epoch_clean_acc")
+    robust = _first_present(frame, "best_pgd20_acc", "epoch_pgd20_acc")
     if clean and robust:
         written.append(plots.pareto_front(frame, clean, robust, folder / f"{prefix}pareto.png"))
     if "variant" in frame.columns:
@@ -162,7 +163,7 @@ def _ranking(parent: Any, frame: pd.DataFrame, metrics: list[str] | None) -> tup
     if searched and searched.startswith("["):
         searched = json.loads(searched)[0]
     metric = (metrics or [None])[0] or (searched if searched in frame.columns else None) or (
-        _first_present(frame, "best_pgd20_acc", "pgd20_acc", *frame.attrs.get("metrics", [])))
+        _first_present(frame, "best_pgd20_acc", "epoch_pgd20_acc", *frame.attrs.get("metrics", [])))
     mode = params.get("search.mode", "") if metric == searched else ""
     if mode.startswith("["):
         mode = json.loads(mode)[0]

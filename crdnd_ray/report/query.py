@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Sequence
 
-from crdnd_ray.tracking.store import normalize_tracking_uri, sqlite_path
+from crdnd_ray.tracking.uris import normalize_tracking_uri, sqlite_path
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -43,7 +43,7 @@ def default_metrics(available: Sequence[str]) -> list[str]:
     chosen = [m for m in _PREFERRED if m in names]
     chosen += sorted(m for m in names if m.startswith("best_") and m not in chosen and m not in
                      ("best_epoch", "best_n_eval"))
-    chosen += [m for m in ("best_epoch", "clean_acc", "pgd20_acc", "epoch") if m in names]
+    chosen += [m for m in ("best_epoch", "epoch_clean_acc", "epoch_pgd20_acc", "epoch") if m in names]
     return chosen or sorted(names)
 
 

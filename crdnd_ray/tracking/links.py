@@ -39,7 +39,9 @@ from typing import Iterable, Literal, Sequence
 from urllib.parse import quote, urlencode
 
 __all__ = [
+    "EXPERIMENT_DESCRIPTION",
     "MLFLOW_STATUS",
+    "NOTE_TAG",
     "RUN_COLOR_TAG",
     "SAVED_VIEW_TAG_PREFIX",
     "STOPPED_EARLY_COLOR",
@@ -72,6 +74,31 @@ MLFLOW_STATUS = {"finished": "FINISHED", "stopped_early": "KILLED", "failed": "F
 table (the one FAILED also gets) and "Killed" on the run page, where FINISHED would show a green "Finished".
 A trial the scheduler stopped early and a run the user interrupted are both KILLED; the ``status`` tag tells
 them apart."""
+
+NOTE_TAG = "mlflow.note.content"
+"""Experiment (or run) tag the UI shows as its description, in Markdown."""
+
+EXPERIMENT_DESCRIPTION = """\
+Runs recorded by crdnd-ray. Accuracies are percentages (0-100) of the evaluation examples still classified
+correctly; epochs count from 1.
+
+| metric | what it is |
+|---|---|
+| `epoch_<attack>_acc` (e.g. `epoch_pgd20_acc`) | accuracy of each epoch's model on the `eval.epoch_limit` first test examples: the curve, and what a sweep's scheduler and searcher compare |
+| `epoch_<attack>_best_so_far` | the best accuracy up to this epoch under the last of `eval.epoch_attacks` (it selects the checkpoint): the epoch that reaches it is saved as `best.pt` |
+| `best_<attack>_acc`, `last_<attack>_acc`, `best_n_eval`, `last_n_eval`, `best_epoch` | the final attack suite (`eval.final_attacks` on `eval.final_limit` examples) on the best-epoch and the last checkpoint, how many examples it used, and which epoch was best |
+| `verify_<check>` | the strong check of a chosen checkpoint (AutoAttack, PGD with restarts and more steps, a transfer attack, accuracy against eps); `verify_worst_case_acc` counts an example only if it survives every attack at eps |
+| `train_adv_acc`, `train_teacher_acc`, `train_teacher_adv_acc` | accuracy on the training batches (the student on its PGD examples, the teacher on clean and adversarial ones): a diagnostic, not robustness |
+| `loss` and its terms (`kd_adv`, `kd_nat`, `contrast`, ...) | the epoch's mean training loss and its parts |
+| `weight_mean`, `weight_min` | CRDND's per-example trust weights of the teacher (compensation) |
+| `cost_images`, `cost_attack_passes`, `cost_device_s`, `cost_wall_s` | compute spent up to this epoch: images trained on, forward-backward passes spent on attacks, device and wall-clock seconds |
+| `epoch`, `lr`, `images_per_s`, `epoch_time_s` | the epoch, its learning rate, training throughput and duration |
+
+A run's tag `status` says how it ended: `finished`, `stopped_early` (the scheduler stopped it: shown as
+Killed, in grey), `failed` (with `status_reason`) or `killed` (interrupted by the user).
+"""
+"""The experiment description (:data:`NOTE_TAG`) every experiment gets when crdnd-ray first writes to it: the
+metric vocabulary, so that a reader of the UI knows which accuracy is which."""
 
 ColumnKind = Literal["attributes", "params", "metrics", "tags"]
 ViewMode = Literal["TABLE", "CHART", "ARTIFACT"]

@@ -46,7 +46,7 @@ from typing import Any
 
 from crdnd_ray.processes import process_state, process_tree, stop_tree, wait_gone
 from crdnd_ray.tracking.server import port_problem, start_server, stop_server
-from crdnd_ray.tracking.store import is_loopback
+from crdnd_ray.tracking.uris import is_loopback
 
 __all__ = ["SUPERUSER", "PostgresCluster", "PostgresNotFound", "TrackingServer", "create_database",
            "find_pg_binary", "serve", "start_postgres", "start_tracking_server", "stop_postgres"]

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from crdnd_ray import runs
-from crdnd_ray.tracking.store import Recorder, TrackingUnavailable
+from crdnd_ray.tracking.store import Recorder
+from crdnd_ray.tracking.uris import TrackingUnavailable
 
 __all__ = ["LEARNING_CURVE", "RunRecord", "epoch_metrics", "final_metrics"]
 

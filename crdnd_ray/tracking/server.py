@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 
 from crdnd_ray.processes import stop_tree
 from crdnd_ray.tracking import links
-from crdnd_ray.tracking.store import (DEFAULT_TRACKING_URI, is_loopback, is_server, latest_parent, normalize_tracking_uri,
-                                      sqlite_path)
+from crdnd_ray.tracking.store import latest_parent
+from crdnd_ray.tracking.uris import DEFAULT_TRACKING_URI, is_loopback, is_server, normalize_tracking_uri, sqlite_path
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

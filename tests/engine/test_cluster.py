@@ -166,7 +166,7 @@ def test_mlflow_holds_each_trial_once_with_its_whole_history(lost_node_sweep) ->
     assert sorted(run.data.tags["trial_id"] for run in children) == trials
     for run in children:
         assert (run.info.status, run.data.tags["status"]) == ("FINISHED", "finished")
-        for name in ("pgd20_acc", "loss"):
+        for name in ("epoch_pgd20_acc", "loss"):
             steps = [point.step for point in client.get_metric_history(run.info.run_id, name)]
             assert sorted(steps) == list(range(1, SWEEP_EPOCHS + 1)), (run.data.tags["trial_id"], name, steps)
         final = runs.read_final(sweep.output / "trials" / run.data.tags["trial_id"])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import small_config
+from conftest import TIMING_KEYS, small_config
 from typer.testing import CliRunner
 
 from crdnd_ray import runs
@@ -23,7 +23,6 @@ from crdnd_ray.engine.loop import DivergedError, LoopContext, run_training
 from crdnd_ray.engine.teachers import load_teacher
 from crdnd_ray.models import build_model
 
-TIMING = ("images_per_s", "epoch_time_s", "epoch_started_at")
 """Metric keys that measure time and so differ between two otherwise identical runs."""
 
 
@@ -59,8 +58,8 @@ def test_resume_continues_an_interrupted_local_run(digits_teacher: Path, tmp_pat
     # The resumed run continues exactly where the interrupted one stopped (model, optimiser, schedule,
     # RNG and data order), so it matches the run that was never interrupted.
     for mine, theirs in zip(runs.read_metrics(straight), resumed):
-        assert {k: v for k, v in theirs.items() if k not in TIMING} == pytest.approx(
-            {k: v for k, v in mine.items() if k not in TIMING}, rel=1e-6)
+        assert {k: v for k, v in theirs.items() if k not in TIMING_KEYS} == pytest.approx(
+            {k: v for k, v in mine.items() if k not in TIMING_KEYS}, rel=1e-6)
     assert runs.read_final(interrupted) == pytest.approx(runs.read_final(straight))
 
 
@@ -99,9 +98,9 @@ def test_epoch_metrics_are_the_mean_of_finite_steps(tmp_path):
     rows = runs.read_metrics(tmp_path / "run")
     assert [row["epoch"] for row in rows] == [1, 2]
     for row in rows:
-        assert {"loss", "kd_adv", "kd_nat", "adv_acc", "teacher_acc"} <= set(row)
+        assert {"loss", "kd_adv", "kd_nat", "train_adv_acc", "train_teacher_acc"} <= set(row)
         assert row["loss"] == pytest.approx(0.1 * (5 / 6 * row["kd_adv"] + 1 / 6 * row["kd_nat"]), rel=1e-5)
-        assert 0.0 <= row["adv_acc"] <= 100.0 and 0.0 <= row["teacher_acc"] <= 100.0
+        assert 0.0 <= row["train_adv_acc"] <= 100.0 and 0.0 <= row["train_teacher_acc"] <= 100.0
 
 
 def test_a_training_set_smaller_than_one_batch_is_refused(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 
@@ -13,6 +14,7 @@ from typer.testing import CliRunner
 from conftest import CLI, REPO, loss_steps, small_config, start_cli, wait_until
 from crdnd_ray.cli import app
 from crdnd_ray.engine.runner import train_run
+from crdnd_ray.tracking import links
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +28,7 @@ def test_train_command_writes_checkpoints_metrics_and_final_metrics(tmp_path, di
     run = tmp_path / "run"
     epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in epochs] == [1, 2]
-    assert {"loss", "kd_adv", "kd_nat", "contrast", "clean_acc", "pgd20_acc", "lr", "images_per_s"} <= set(epochs[0])
+    assert {"loss", "kd_adv", "kd_nat", "contrast", "epoch_clean_acc", "epoch_pgd20_acc", "lr", "images_per_s"} <= set(epochs[0])
     final = json.loads((run / "final_metrics.json").read_text())
     for which in ("best", "last"):
         assert set(final[which]) >= {"clean_acc", "fgsm_acc", "pgd20_acc", "cw_acc"}
@@ -90,8 +92,16 @@ def test_train_records_while_it_trains_and_resume_continues_the_same_mlflow_run(
     assert [r.info.run_id for r in client.search_runs([experiment.experiment_id])] == [run_id]
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["status"] == "finished"
-    assert sorted(p.step for p in client.get_metric_history(run_id, "pgd20_acc")) == [1, 2, 3, 4]
+    assert sorted(p.step for p in client.get_metric_history(run_id, "epoch_pgd20_acc")) == [1, 2, 3, 4]
     assert run.data.metrics["best_pgd20_acc"] == runs.read_final(folder)["best_pgd20_acc"]
+    assert undescribed_metrics(experiment.tags[links.NOTE_TAG], run.data.metrics) == []
+
+
+def undescribed_metrics(description: str, metrics: dict) -> list[str]:
+    """The metric names that no name of the experiment description's table covers (``<attack>`` matching any)."""
+    named = re.findall(r"`([a-z0-9_<>]+)`", description)
+    patterns = [re.compile("^" + re.sub(r"<\w+>", r"\\w+", name) + "$") for name in named]
+    return sorted(metric for metric in metrics if not any(pattern.match(metric) for pattern in patterns))
 
 
 def test_sigterm_ends_a_training_run_as_killed_and_resume_finishes_the_same_mlflow_run(tmp_path, digits_teacher):

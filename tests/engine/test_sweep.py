@@ -42,7 +42,7 @@ def test_asha_stops_a_trial_early_and_later_trials_still_start(tmp_path, ray_ses
     cfg = sweep_config(
         tmp_path,
         **{"teacher.checkpoint": str(digits_teacher), "train.epochs": 4, "train.max_steps_per_epoch": None,
-           "search.metric": "clean_acc", "search.max_concurrent": 1,
+           "search.metric": "epoch_clean_acc", "search.max_concurrent": 1,
            "search.scheduler": {"kind": "asha", "grace_period": 1, "reduction_factor": 2},
            "search.space": {"train.lr": {"type": "loguniform", "low": 1e-6, "high": 1.0}}},
     )
@@ -61,7 +61,7 @@ def test_multi_objective_sweep_returns_a_non_dominated_set_and_respects_conditio
     cfg = sweep_config(
         tmp_path,
         **{"teacher.checkpoint": str(digits_teacher), "train.epochs": 2,
-           "search.metric": ["clean_acc", "pgd20_acc"], "search.mode": ["max", "max"],
+           "search.metric": ["epoch_clean_acc", "epoch_pgd20_acc"], "search.mode": ["max", "max"],
            "search.scheduler": {"kind": "none"}, "search.sampler": {"kind": "nsga2", "seed": 1},
            "search.num_samples": 5,
            "search.space": {
@@ -82,13 +82,13 @@ def test_multi_objective_sweep_returns_a_non_dominated_set_and_respects_conditio
     assert front
     finished = [row for row in rows if row["status"] == "finished"]
     for member in front:
-        dominated = any(other["clean_acc"] >= member["clean_acc"] and other["pgd20_acc"] >= member["pgd20_acc"]
-                        and (other["clean_acc"] > member["clean_acc"] or other["pgd20_acc"] > member["pgd20_acc"])
+        dominated = any(other["epoch_clean_acc"] >= member["epoch_clean_acc"] and other["epoch_pgd20_acc"] >= member["epoch_pgd20_acc"]
+                        and (other["epoch_clean_acc"] > member["epoch_clean_acc"] or other["epoch_pgd20_acc"] > member["epoch_pgd20_acc"])
                         for other in finished)
         assert not dominated
     outside = [row for row in finished if row["trial_id"] not in {m["trial_id"] for m in front}]
     for row in outside:
-        assert any(m["clean_acc"] >= row["clean_acc"] and m["pgd20_acc"] >= row["pgd20_acc"] for m in front)
+        assert any(m["epoch_clean_acc"] >= row["epoch_clean_acc"] and m["epoch_pgd20_acc"] >= row["epoch_pgd20_acc"] for m in front)
     assert (tmp_path / "sweep" / "pareto.csv").exists()
 
 
@@ -160,7 +160,7 @@ def test_bad_spaces_are_clear_errors_before_anything_starts(space, message):
 
 def test_asha_with_several_objectives_is_refused():
     with pytest.raises(ConfigError, match="ASHA"):
-        small_config(**{"search.metric": ["clean_acc", "pgd20_acc"], "search.mode": ["max", "max"]})
+        small_config(**{"search.metric": ["epoch_clean_acc", "epoch_pgd20_acc"], "search.mode": ["max", "max"]})
 
 
 def test_dry_run_plans_fractional_cpus_that_fit_this_machine():

@@ -17,7 +17,8 @@ from mlflow import MlflowClient  # noqa: E402
 
 from crdnd_ray import report, tables  # noqa: E402
 from crdnd_ray.config import TrackingConfig  # noqa: E402
-from crdnd_ray.tracking.store import Recorder, normalize_tracking_uri  # noqa: E402
+from crdnd_ray.tracking.store import Recorder  # noqa: E402
+from crdnd_ray.tracking.uris import normalize_tracking_uri  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 EXPERIMENT = "report-exp"
@@ -57,8 +58,8 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
                                  sampled=sampled)
         epochs = 3 if final else 1
         for epoch in range(epochs):
-            recorder.log_epoch(run, {"epoch": epoch, "loss": 2.0 - epoch * 0.3 + index, "clean_acc": 50.0 + epoch + index,
-                                     "pgd20_acc": 20.0 + epoch + index, "lr": 0.05}, step=epoch)
+            recorder.log_epoch(run, {"epoch": epoch, "loss": 2.0 - epoch * 0.3 + index, "epoch_clean_acc": 50.0 + epoch + index,
+                                     "epoch_pgd20_acc": 20.0 + epoch + index, "lr": 0.05}, step=epoch)
         if final:
             recorder.log_metrics(run, final)
             recorder.finish(run, "finished")
@@ -100,7 +101,7 @@ def test_runs_frame_matches_the_store(store: dict) -> None:
                 assert row[metric] == run.data.metrics[metric], metric
             else:
                 assert pd.isna(row[metric]), metric
-    assert frame.attrs["metrics"] == ["best_clean_acc", "best_pgd20_acc", "best_cw_acc", "clean_acc", "pgd20_acc",
+    assert frame.attrs["metrics"] == ["best_clean_acc", "best_pgd20_acc", "best_cw_acc", "epoch_clean_acc", "epoch_pgd20_acc",
                                       "epoch"]
     assert list(frame["status"]) == ["finished", "finished", "stopped_early", "finished"]
     assert list(frame["epoch"]) == [2.0, 2.0, 0.0, 2.0]

@@ -45,18 +45,18 @@ def test_a_saved_view_url_carries_only_its_key() -> None:
 
 def test_trials_view_tag_holds_the_ui_envelope() -> None:
     view = ui_links.trials_view(PARENT, params=["method.temperature", "train.lr"],
-                                metrics=["pgd20_acc", "best_pgd20_acc"], created_ms=1234)
+                                metrics=["epoch_pgd20_acc", "best_pgd20_acc"], created_ms=1234)
     assert view.key == f"sweep-{PARENT}" and view.tag_key == f"mlflow.sharedViewState.sweep-{PARENT}"
     envelope = json.loads(view.tag_value)
     assert envelope["createdAt"] == envelope["updatedAt"] == 1234 and isinstance(envelope["state"], str)
     state = json.loads(envelope["state"])
     assert state["searchFilter"] == ui_links.children_filter(PARENT)
-    assert state["orderByKey"] == "metrics.`pgd20_acc`" and state["orderByAsc"] is False
-    assert state["selectedColumns"] == ["tags.`status`", "metrics.`pgd20_acc`", "metrics.`best_pgd20_acc`",
+    assert state["orderByKey"] == "metrics.`epoch_pgd20_acc`" and state["orderByAsc"] is False
+    assert state["selectedColumns"] == ["tags.`status`", "metrics.`epoch_pgd20_acc`", "metrics.`best_pgd20_acc`",
                                         "params.`method.temperature`", "params.`train.lr`"]
     assert set(state["selectedColumns"]) <= set(state["columnOrder"]) == set(state["columnWidths"])
     (chart,) = state["compareRunCharts"]
-    assert chart["type"] == "PARALLEL" and chart["selectedMetrics"] == ["pgd20_acc"]
+    assert chart["type"] == "PARALLEL" and chart["selectedMetrics"] == ["epoch_pgd20_acc"]
     assert ui_links.trials_view(PARENT, metrics=["loss"], mode="min").tag_value.count('\\"orderByAsc\\":true') == 1
     ablation = ui_links.trials_view(PARENT, metrics=["best_pgd20_acc"], tags=("variant", "seed", "status"),
                                     kind="ablation")

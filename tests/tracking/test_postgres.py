@@ -205,7 +205,7 @@ def test_a_sweep_and_an_ablation_at_once_lose_nothing(recorded: SimpleNamespace,
     for trial_id, run in children.items():
         final = runs.read_final(folder / "trials" / trial_id)
         assert run.info.status == "FINISHED" and run.data.tags["status"] == "finished"
-        for name in ("pgd20_acc", "clean_acc", "loss"):
+        for name in ("epoch_pgd20_acc", "epoch_clean_acc", "loss"):
             history = client.get_metric_history(run.info.run_id, name)
             assert sorted(point.step for point in history) == [1, 2], name
         assert {key: run.data.metrics[key] for key in final} == pytest.approx(final)
@@ -269,10 +269,10 @@ def test_sigterm_stops_every_process_and_the_data_outlive_the_server(recorded: S
     assert not (recorded.folder / "postgres" / "data" / "postmaster.pid").exists()
 
     with postgres.start_tracking_server(recorded.folder, port=free_port()) as again:
-        history = MlflowClient(tracking_uri=again.url).get_metric_history(child.info.run_id, "pgd20_acc")
+        history = MlflowClient(tracking_uri=again.url).get_metric_history(child.info.run_id, "epoch_pgd20_acc")
         rows = runs.read_metrics(sweep / "trials" / child.data.tags["trial_id"])
         assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == \
-            [(row["epoch"], pytest.approx(row["pgd20_acc"])) for row in rows]
+            [(row["epoch"], pytest.approx(row["epoch_pgd20_acc"])) for row in rows]
         processes = process_tree(again.postgres.pid) + process_tree(again.mlflow.pid)
     assert wait_gone(processes, 10) == []
     _assert_gone(processes, recorded.folder)

@@ -15,7 +15,8 @@ from conftest import write_run_folder  # noqa: E402
 from crdnd_ray import runs  # noqa: E402
 from crdnd_ray.config import TrackingConfig, flatten  # noqa: E402
 from crdnd_ray.tracking.record import RunRecord  # noqa: E402
-from crdnd_ray.tracking.store import Recorder, normalize_tracking_uri  # noqa: E402
+from crdnd_ray.tracking.store import Recorder  # noqa: E402
+from crdnd_ray.tracking.uris import normalize_tracking_uri  # noqa: E402
 
 RUN_FILES = {"config.yaml", "best.pt", "final_metrics.json", "metrics.jsonl", "learning_curve.png"}
 
@@ -48,12 +49,12 @@ def test_a_run_is_recorded_from_its_reports(sqlite_uri: str, tmp_path: Path) -> 
     assert run.data.tags["run_kind"] == "train" and "mlflow.parentRunId" not in run.data.tags
     expected = {key: (json.dumps(value) if isinstance(value, list) else str(value)) for key, value in flatten(cfg).items()}
     assert run.data.params == expected
-    history = {m: sorted(client.get_metric_history(record.run_id, m), key=lambda p: p.step) for m in ("loss", "clean_acc")}
+    history = {m: sorted(client.get_metric_history(record.run_id, m), key=lambda p: p.step) for m in ("loss", "epoch_clean_acc")}
     assert [(p.step, p.value) for p in history["loss"]] == [(1, 2.0), (2, 1.5), (3, 1.0)]
-    assert [p.value for p in history["clean_acc"]] == [40.0, 50.0, 60.0]
+    assert [p.value for p in history["epoch_clean_acc"]] == [40.0, 50.0, 60.0]
     assert run.data.metrics["best_clean_acc"] == 60.0 and run.data.metrics["best_epoch"] == 3.0
     assert run.data.metrics["last_pgd20_acc"] == 29.0 and run.data.metrics["best_n_eval"] == 64.0
-    assert "epoch_started_at" not in run.data.metrics and run.data.metrics["pgd20_best_so_far"] == 30.0
+    assert "epoch_started_at" not in run.data.metrics and run.data.metrics["epoch_pgd20_best_so_far"] == 30.0
     assert len(client.get_metric_history(record.run_id, "best_pgd20_acc")) == 1
     assert {item.path for item in client.list_artifacts(record.run_id)} == RUN_FILES
     stored = Path(run.info.artifact_uri.removeprefix("file://"))
@@ -66,7 +67,7 @@ def test_a_run_is_recorded_from_its_reports(sqlite_uri: str, tmp_path: Path) -> 
     assert stopped_run.data.tags["mlflow.runColor"] == "#b0b0b0", "greyed out in the UI's runs table"
     assert "after epoch 2" in stopped_run.data.tags["status_reason"]
     assert not any(key.startswith("best_") for key in stopped_run.data.metrics)
-    assert len(client.get_metric_history(stopped_record.run_id, "pgd20_acc")) == 2
+    assert len(client.get_metric_history(stopped_record.run_id, "epoch_pgd20_acc")) == 2
     assert {item.path for item in client.list_artifacts(stopped_record.run_id)} == RUN_FILES - {"final_metrics.json"}
     assert not (tmp_path / "mlruns").exists()
 
@@ -105,4 +106,4 @@ def test_a_failed_run_keeps_its_reason_and_what_it_reached(sqlite_uri: str, tmp_
         "failed", "DivergedError: the training loss became nan")
     run = recorder.client.get_run(record.run_id)
     assert run.info.status == "FAILED" and run.data.tags["status_reason"].startswith("DivergedError")
-    assert [p.step for p in recorder.client.get_metric_history(record.run_id, "pgd20_acc")] == [1]
+    assert [p.step for p in recorder.client.get_metric_history(record.run_id, "epoch_pgd20_acc")] == [1]

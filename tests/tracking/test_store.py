@@ -18,8 +18,8 @@ from conftest import RUN_EPOCHS, free_port, write_run_folder  # noqa: E402
 from crdnd_ray import runs  # noqa: E402
 from crdnd_ray.config import TrackingConfig, flatten  # noqa: E402
 from crdnd_ray.tracking.record import RunRecord  # noqa: E402
-from crdnd_ray.tracking.store import (Recorder, TrackingUnavailable, default_artifact_location,  # noqa: E402
-                                      normalize_tracking_uri)
+from crdnd_ray.tracking.store import Recorder  # noqa: E402
+from crdnd_ray.tracking.uris import TrackingUnavailable, default_artifact_location, normalize_tracking_uri  # noqa: E402
 
 RUN_FILES = {"config.yaml", "best.pt", "final_metrics.json", "metrics.jsonl", "learning_curve.png"}
 
@@ -47,6 +47,18 @@ def test_uris_and_artifact_locations(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert default_artifact_location(uri, "exp", "s3://bucket/x") == "s3://bucket/x"
     with pytest.raises(ValueError, match="sqlite:///mlflow.db"):
         normalize_tracking_uri("mlflow.db")
+
+
+def test_a_new_experiment_explains_its_metrics_and_a_description_of_ones_own_is_kept(tmp_path: Path) -> None:
+    from crdnd_ray.tracking.links import EXPERIMENT_DESCRIPTION, NOTE_TAG
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    recorder = Recorder(TrackingConfig(uri=uri), "described")
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_experiment(recorder.experiment_id).tags[NOTE_TAG] == EXPERIMENT_DESCRIPTION
+    client.set_experiment_tag(recorder.experiment_id, NOTE_TAG, "my own notes")
+    Recorder(TrackingConfig(uri=uri), "described")
+    assert client.get_experiment(recorder.experiment_id).tags[NOTE_TAG] == "my own notes"
 
 
 def test_server_records_parent_children_metrics_and_artifacts(mlflow_server, tmp_path: Path) -> None:
@@ -87,10 +99,10 @@ def test_server_records_parent_children_metrics_and_artifacts(mlflow_server, tmp
         assert run.data.params["method.temperature"] == str(params["method.temperature"])
         assert run.data.params["train.lr"] == str(params["train.lr"])
         assert len([k for k in run.data.params if not k.startswith("sampled.")]) == len(params)
-        for metric in ("loss", "loss_kd", "clean_acc", "pgd20_acc", "lr", "images_per_s"):
+        for metric in ("loss", "loss_kd", "epoch_clean_acc", "epoch_pgd20_acc", "lr", "images_per_s"):
             history = client.get_metric_history(run.info.run_id, metric)
             assert sorted(point.step for point in history) == list(range(1, RUN_EPOCHS + 1)), metric
-        assert [p.value for p in sorted(client.get_metric_history(run.info.run_id, "pgd20_acc"),
+        assert [p.value for p in sorted(client.get_metric_history(run.info.run_id, "epoch_pgd20_acc"),
                                         key=lambda p: p.step)] == [20.0 + index, 25.0 + index, 30.0 + index]
         assert run.data.metrics["best_pgd20_acc"] == 30.0 + index
         assert run.data.metrics["last_cw_acc"] == 27.5
@@ -108,7 +120,7 @@ def _write_concurrently(uri: str, worker: int, runs: int, epochs: int) -> None:
         run = recorder.start_run(f"w{worker}-r{index}", {"worker": worker, "index": index},
                                  {"worker": worker}, sampled={"method.temperature": index})
         for epoch in range(epochs):
-            recorder.log_epoch(run, {"loss": 1.0 / (epoch + 1), "clean_acc": epoch, "pgd20_acc": epoch / 2}, step=epoch)
+            recorder.log_epoch(run, {"loss": 1.0 / (epoch + 1), "epoch_clean_acc": epoch, "epoch_pgd20_acc": epoch / 2}, step=epoch)
         if worker == 1 and index == 0:
             recorder.finish(run, "failed", "ValueError: the student diverged (loss is NaN).")
         else:
@@ -137,7 +149,7 @@ def test_sqlite_two_concurrent_writers_and_a_failed_run(tmp_path: Path, monkeypa
     found = client.search_runs([experiments[0].experiment_id], max_results=100)
     assert len(found) == 2 * runs
     for run in found:
-        assert len(client.get_metric_history(run.info.run_id, "pgd20_acc")) == epochs
+        assert len(client.get_metric_history(run.info.run_id, "epoch_pgd20_acc")) == epochs
         assert run.data.params["sampled.method.temperature"] == run.data.params["index"]
     failed = [run for run in found if run.info.status == "FAILED"]
     assert [run.info.run_name for run in failed] == ["w1-r0"]

@@ -21,7 +21,7 @@ from crdnd_ray.tracking import links as ui_links
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(find_chromium() is None, reason=MISSING)]
 
-TRIALS = {  # name: (method.temperature, train.lr, pgd20_acc per epoch, finished)
+TRIALS = {  # name: (method.temperature, train.lr, epoch_pgd20_acc per epoch, finished)
     "trial_a1": (1.5, 0.1, [0.20, 0.31, 0.35], True),
     "trial_b2": (3.0, 0.3, [0.22, 0.36, 0.41], True),
     "trial_c3": (6.0, 0.9, [0.10], False),
@@ -43,7 +43,7 @@ def _fill_store(uri: str) -> tuple[str, str]:
             "mlflow.parentRunId": parent, "run_kind": "trial", "trial_id": name[-2:]}).info.run_id
         client.log_batch(run, params=[Param("method.temperature", str(temperature)), Param("train.lr", str(lr))])
         for epoch, accuracy in enumerate(accuracies):
-            client.log_batch(run, metrics=[Metric("pgd20_acc", accuracy, stamp, epoch),
+            client.log_batch(run, metrics=[Metric("epoch_pgd20_acc", accuracy, stamp, epoch),
                                            Metric("epoch", epoch, stamp, epoch)])
         if finished:
             client.log_batch(run, metrics=[Metric("best_pgd20_acc", max(accuracies), stamp, 0)])
@@ -56,8 +56,8 @@ def _fill_store(uri: str) -> tuple[str, str]:
             client.set_terminated(run, ui_links.MLFLOW_STATUS["stopped_early"])
     client.set_tag(parent, "status", "finished")
     client.set_terminated(parent, "FINISHED")
-    view = ui_links.trials_view(parent, params=PARAMS, metrics=["best_pgd20_acc", "pgd20_acc"],
-                                chart_metric="pgd20_acc", created_ms=stamp)
+    view = ui_links.trials_view(parent, params=PARAMS, metrics=["best_pgd20_acc", "epoch_pgd20_acc"],
+                                chart_metric="epoch_pgd20_acc", created_ms=stamp)
     client.set_experiment_tag(experiment, view.tag_key, view.tag_value)
     return experiment, parent
 
@@ -127,7 +127,7 @@ def test_sweep_view_link_shows_ranked_trials_with_param_and_metric_columns(ui_se
     for name in TRIALS:
         assert name in page.text, f"trial {name} missing from the rendered runs table:\n{page.text[:3000]}"
     assert "sweep-ui" not in page.text  # the view lists the sweep's trials, not the parent
-    for column in ("metrics.`best_pgd20_acc`", "metrics.`pgd20_acc`", "params.`method.temperature`",
+    for column in ("metrics.`best_pgd20_acc`", "metrics.`epoch_pgd20_acc`", "params.`method.temperature`",
                    "params.`train.lr`", "tags.`status`"):
         assert column in page.column_headers, f"{column} is not a visible column: {page.column_headers}"
     assert "stopped_early" in page.text
