@@ -286,11 +286,17 @@ def ablate(
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     output: Optional[Path] = typer.Option(None, "--output", help=OUTPUT_HELP),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the interrupted ablation in this folder."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved plan (tuning and seeds) and exit."),
 ) -> None:
-    """Run the ablation study (variants × seeds) and print the mean ± std table."""
-    from crdnd_ray.engine.ablation import run_ablation
+    """Run the ablation study (each variant tuned first with ablation.tune, then variants × seeds) and print the
+    table with paired statistics."""
+    from crdnd_ray.engine.ablation import plan_ablation, run_ablation
 
     cfg = load(resume / runs.CONFIG_FILE if resume else config, set_)
+    if dry_run:
+        plan = plan_ablation(cfg)
+        stdout.print_json(json.dumps({"plan": plan.__dict__, "config": cfg.run_dict()}, default=str))
+        return
     folder = _sweep_folder(cfg, output, resume, "ablation")
     runs.write_config(folder, cfg)
     started = time.perf_counter()

@@ -2,7 +2,7 @@
 
 The schema (``crdnd_ray.config``) cannot know the method registry (the methods import the schema), so the
 names it leaves free are checked here, for the base config and for every config a sweep or an ablation
-will derive from it: each ablation variant and each value a search space can choose.
+will derive from it: each ablation variant and each value a search or tuning space can choose.
 """
 
 from __future__ import annotations
@@ -17,11 +17,18 @@ __all__ = ["derived_configs", "preflight"]
 
 
 def derived_configs(cfg: RunConfig) -> Iterator[tuple[str, RunConfig]]:
-    """``(where, config)`` for the base config, each ablation variant and each choice of the search space."""
+    """``(where, config)`` for the base config, each ablation variant (with each choice its tuning space can
+    make) and each choice of the search space."""
     yield "the config", cfg
     if cfg.ablation is not None:
+        tune = cfg.ablation.tune
         for name, overrides in cfg.ablation.variants.items():
-            yield f"ablation.variants.{name}", cfg.with_overrides(dict(overrides or {}), source=f"ablation.variants.{name}")
+            source = f"ablation.variants.{name}"
+            yield source, cfg.with_overrides(dict(overrides or {}), source=source)
+            for key, spec in ({**tune.space, **tune.variant_space.get(name, {})} if tune else {}).items():
+                for value in spec.values or []:
+                    yield (f"ablation.tune (variant '{name}') {key}",
+                           cfg.with_overrides({**(overrides or {}), key: value}, source=f"ablation.tune.{key}"))
     if cfg.search is not None:
         for key, spec in cfg.search.space.items():
             for value in spec.values or []:

@@ -29,7 +29,7 @@ from crdnd_ray.tracking.record import RunRecord
 from crdnd_ray.tracking.store import Recorder
 
 __all__ = ["TERMINAL", "TrialRecorder", "TrialSpec", "TrialsPlan", "TrialsResult", "loop_report", "plan_trials", "run_trials",
-           "trial_error", "trial_status"]
+           "start_parent", "trial_error", "trial_status"]
 
 logger = logging.getLogger(__name__)
 
@@ -248,19 +248,27 @@ def run_trials(cfg: RunConfig, folder: Path, *, kind: str, param_space: dict[str
                search_alg: Any = None, scheduler: Any = None, resume: bool = False,
                teacher_path: Path | None = None, printer: Callable[[str], None] = print,
                parent_params: dict[str, Any] | None = None,
-               extra_callbacks: list[Any] | None = None) -> TrialsResult:
+               extra_callbacks: list[Any] | None = None, experiment: str | None = None,
+               parent_run_id: str | None = None) -> TrialsResult:
     """Run trials with Ray Tune and return one row per trial with the MLflow parent run.
 
     Each row holds the trial's overrides, status (finished / stopped_early / failed), reason, epochs run,
     wall time and metrics (the last report's, including the final ``best_*``/``last_*``). An interrupted run
     (Ctrl-C) raises KeyboardInterrupt naming the ``--resume`` command after the rows are kept on disk.
+    ``experiment`` names the Tune experiment under ``<folder>/tune`` (default ``kind``), so that several stages
+    can share one folder; with ``parent_run_id`` the trials are recorded under that parent run (made by
+    :func:`start_parent`), which the caller finishes, instead of a parent of their own.
     """
     folder = Path(folder).resolve()
+    name = experiment or kind
     cluster = init_ray(cfg.scaling, log_to_driver=False)
     in_process = cfg.scaling.num_workers == 1 and cfg.scaling.in_process_single_worker
     plan = plan_resources(cfg.scaling, cluster, concurrent_trials=max_concurrent, in_process=in_process)
     _link_ray_logs(folder)
-    recorder, parent_id = _start_parent(cfg, folder, kind, resume, parent_params or {})
+    if parent_run_id is None:
+        recorder, parent_id = start_parent(cfg, folder, kind, resume, parent_params or {})
+    else:
+        recorder, parent_id = Recorder(cfg.tracking, cfg.experiment.name), parent_run_id
     total = _expected_trials(param_space, num_samples)
     callbacks: list[Any] = [LiveTable(total, metrics, spec, printer), *(extra_callbacks or [])]
     if recorder is not None and parent_id is not None:
@@ -272,13 +280,13 @@ def run_trials(cfg: RunConfig, folder: Path, *, kind: str, param_space: dict[str
         plan.trial_resources,
     )
     tune_dir = folder / "tune"
-    printer(f"{kind}: {total} trial(s), {plan.describe()}; "
+    printer(f"{name}: {total} trial(s), {plan.describe()}; "
             f"{'trains in the Tune trial' if in_process else 'Ray Train per trial'}")
     started = time.perf_counter()
-    run_config = tune.RunConfig(name=kind, storage_path=str(tune_dir), callbacks=callbacks, verbose=0,
+    run_config = tune.RunConfig(name=name, storage_path=str(tune_dir), callbacks=callbacks, verbose=0,
                                 failure_config=tune.FailureConfig(max_failures=0))
-    if resume and tune.Tuner.can_restore(str(tune_dir / kind)):
-        tuner = tune.Tuner.restore(str(tune_dir / kind), trainable=trainable, resume_unfinished=True,
+    if resume and tune.Tuner.can_restore(str(tune_dir / name)):
+        tuner = tune.Tuner.restore(str(tune_dir / name), trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
         tuner._local_tuner._run_config.callbacks = callbacks
     else:
@@ -294,15 +302,15 @@ def run_trials(cfg: RunConfig, folder: Path, *, kind: str, param_space: dict[str
         interrupted = True
     except Exception as error:  # noqa: BLE001 - reported below with the trials that were kept
         failure = error
-    rows = _rows(tune_dir / kind, spec)
+    rows = _rows(tune_dir / name, spec)
     if failure is not None:
         ray.shutdown()
-        raise TrainingFailed(f"Ray Tune stopped the {kind} ({root_cause(failure)}); the {len(rows)} trial(s) it "
+        raise TrainingFailed(f"Ray Tune stopped the {name} ({root_cause(failure)}); the {len(rows)} trial(s) it "
                              f"recorded are kept in {folder}; continue with --resume {folder}") from failure
     interrupted = interrupted or len(rows) < total or any(row["status"] not in TERMINAL for row in rows)
-    if recorder is not None and parent_id is not None and not interrupted:
+    if recorder is not None and parent_id is not None and not interrupted and parent_run_id is None:
         recorder.finish(parent_id, "finished")
-    printer(f"{kind} {'interrupted' if interrupted else 'done'} in {time.perf_counter() - started:.1f} s "
+    printer(f"{name} {'interrupted' if interrupted else 'done'} in {time.perf_counter() - started:.1f} s "
             f"({len(rows)} trial(s) recorded)")
     if interrupted:
         ray.shutdown()
@@ -345,8 +353,8 @@ def _link_ray_logs(folder: Path) -> None:
         link.symlink_to(logs.resolve(), target_is_directory=True)
 
 
-def _start_parent(cfg: RunConfig, folder: Path, kind: str, resume: bool,
-                  params: dict[str, Any]) -> tuple[Recorder | None, str | None]:
+def start_parent(cfg: RunConfig, folder: Path, kind: str, resume: bool,
+                 params: dict[str, Any]) -> tuple[Recorder | None, str | None]:
     """The recorder and the parent run of this sweep or ablation (the one in ``run.json`` when resuming)."""
     runs.update_run_info(folder, kind=kind)
     if not cfg.tracking.enabled:

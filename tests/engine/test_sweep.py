@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from conftest import REPO, interrupt_then_resume, small_config
 from crdnd_ray.cli import app
 from crdnd_ray.config import ConfigError, load_config
-from crdnd_ray.engine.sweep import plan_sweep, run_sweep, validate_space
+from crdnd_ray.engine.sweep import plan_sweep, resolve_space, run_sweep, validate_space
 
 pytestmark = pytest.mark.slow
 
@@ -152,6 +152,25 @@ def test_search_space_files_validate_with_dry_run(name):
 def test_bad_spaces_are_clear_errors_before_anything_starts(space, message):
     with pytest.raises(ConfigError, match=message):
         validate_space(small_config(**{"search.space": space}))
+
+
+def test_a_condition_on_a_fixed_config_key_is_decided_by_the_config():
+    space = {"train.lr": {"type": "loguniform", "low": 0.1, "high": 10.0},
+             "method.contrastive.weight": {"type": "loguniform", "low": 0.05, "high": 2.0,
+                                           "when": {"method.contrastive.kind": ["infonce", "relation"]}},
+             "method.compensation.beta": {"type": "uniform", "low": 0.5, "high": 3.0,
+                                          "when": {"method.compensation.kind": ["confidence"]}}}
+    cfg = small_config(**{"search.space": space, "method.compensation.kind": "none"})
+    resolved = resolve_space(cfg, cfg.search.space, "search.space")
+    assert sorted(resolved) == ["method.contrastive.weight", "train.lr"]
+    assert resolved["method.contrastive.weight"].when is None
+    assert sorted(resolve_space(cfg, cfg.search.space, "search.space", pinned=["train.lr"])) == [
+        "method.contrastive.weight"]
+
+
+def test_a_single_objective_search_needs_a_metric_reported_every_epoch():
+    with pytest.raises(ConfigError, match="single-objective Optuna search needs"):
+        validate_space(small_config(**{"search.metric": "best_pgd20_acc", "search.scheduler": {"kind": "none"}}))
 
 
 def test_asha_with_several_objectives_is_refused():
