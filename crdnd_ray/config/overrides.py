@@ -72,7 +72,7 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any], source: str 
 
 
 _FREE_FORM_SECTIONS = ("student.kwargs", "teacher.kwargs", "scaling.resources_per_worker", "search.space",
-                       "ablation.tune.space")
+                       "ablation.tune.space", "ablation.tune.overrides")
 _NAMED_FREE_FORM_SECTIONS = ("ablation.variants", "ablation.tune.variant_space")
 
 

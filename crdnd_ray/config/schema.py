@@ -380,11 +380,13 @@ class AblationTuning(SearchConfig):
     ``when`` condition may name a fixed config key (``method.name``, ``method.contrastive.kind``): the
     variant's value decides whether the parameter is tuned for it. Tuning trials train with ``seed``, which
     must not be one of ``ablation.seeds``: the seeds compared in the table must not be the ones that chose
-    the settings. Tuning has one objective, a metric reported every epoch.
+    the settings. Tuning has one objective, a metric reported every epoch, so ``overrides`` (dotted keys, for
+    the tuning trials only; a variant's own overrides win) can make their final evaluation cheap.
     """
 
     variant_space: dict[str, dict[str, ParameterSpec]] = Field(default_factory=dict)
     seed: int = 1000
+    overrides: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _check_tuning(self) -> AblationTuning:

@@ -72,8 +72,9 @@ def validate_ablation(cfg: RunConfig) -> AblationConfig:
 
 
 def variant_tuning(cfg: RunConfig, ablation: AblationConfig) -> dict[str, VariantTuning]:
-    """Per variant, the resolved space that its tuning searches (shared space plus its extras, without the keys
-    its overrides pin, conditions on fixed keys decided by its config) and the pinned values."""
+    """Per variant, the config its tuning trials start from (``tune.overrides``, the variant's overrides, the
+    tuning seed), the resolved space they search (shared space plus its extras, without the keys its overrides
+    pin, conditions on fixed keys decided by its config) and the pinned values."""
     tune = ablation.tune
     assert tune is not None
     plans = {}
@@ -82,7 +83,8 @@ def variant_tuning(cfg: RunConfig, ablation: AblationConfig) -> dict[str, Varian
         full = {**tune.space, **tune.variant_space.get(name, {})}
         set_by_variant = flatten(overrides)
         pinned = {key: set_by_variant[key] for key in full if key in set_by_variant}
-        variant_cfg = cfg.with_overrides({**overrides, "experiment.seed": tune.seed}, source=f"ablation.variants.{name}")
+        variant_cfg = cfg.with_overrides({**tune.overrides, **overrides, "experiment.seed": tune.seed},
+                                         source=f"ablation.tune.overrides and ablation.variants.{name}")
         space = resolve_space(variant_cfg, full, f"ablation.tune (variant '{name}')", pinned=pinned)
         plans[name] = VariantTuning(config=variant_cfg, space=space, pinned=pinned)
     return plans

@@ -141,7 +141,7 @@ def tuned_ablation(tmp_path, teacher, **overrides):
             "variants": {"crdnd": {}, "no_contrastive": {"method.contrastive.kind": "none"},
                          "pinned_lr": {"train.lr": 0.3}},
             "tune": {"num_samples": 3, "seed": 7, "sampler": {"kind": "random", "seed": 0},
-                     "scheduler": {"kind": "none"},
+                     "scheduler": {"kind": "none"}, "overrides": {"eval.final_attacks": ["clean"]},
                      "space": {"train.lr": {"type": "loguniform", "low": 0.05, "high": 3.0},
                                "method.contrastive.weight": {"type": "loguniform", "low": 0.05, "high": 2.0,
                                                             "when": {"method.contrastive.kind": ["infonce"]}}}},
@@ -159,6 +159,8 @@ def test_tuning_spaces_drop_pinned_keys_and_decide_conditions_on_fixed_values(tm
     assert all(plan.space.get("method.contrastive.weight") is None or plan.space["method.contrastive.weight"].when is None
                for plan in plans.values())
     assert {plan.config.experiment.seed for plan in plans.values()} == {7}
+    assert {tuple(plan.config.eval.final_attacks) for plan in plans.values()} == {("clean",)}
+    assert cfg.eval.final_attacks == ["clean", "pgd20"]
 
 
 @pytest.mark.slow
@@ -176,6 +178,8 @@ def test_tuned_ablation_tunes_each_variant_equally_and_runs_its_seeds_at_its_bes
     seeds = children[children["tags.stage"] == "seeds"]
     assert tuning.groupby("tags.variant").size().to_dict() == {"crdnd": 3, "no_contrastive": 3, "pinned_lr": 3}
     assert (tuning["tags.seed"] == "7").all() and len(seeds) == 9
+    assert tuning["metrics.best_pgd20_acc"].isna().all() and tuning["metrics.best_clean_acc"].notna().all()
+    assert seeds["metrics.best_pgd20_acc"].notna().all(), "tune.overrides apply to the tuning trials only"
     pinned = tuning[tuning["tags.variant"] == "pinned_lr"]
     assert (pinned["params.train.lr"].astype(float) == 0.3).all() and pinned["params.sampled.train.lr"].isna().all()
     assert pinned["params.sampled.method.contrastive.weight"].astype(float).nunique() == 3
@@ -285,3 +289,27 @@ def test_resumed_ablation_skips_finished_cells(tmp_path, digits_teacher):
     assert all(after[trial] == mtime for trial, mtime in before.items())
     table = pd.read_csv(folder / "ablation.csv")
     assert (table["n"] == 2).all()
+
+
+@pytest.mark.slow
+def test_resumed_tuned_ablation_keeps_each_budget_and_reruns_nothing(tmp_path, digits_teacher):
+    folder = tmp_path / "ablation"
+    command = ["ablate", str(REPO / "ablations" / "digits.yaml"), "--set", "tracking.enabled=false",
+               "--set", f"teacher.checkpoint={digits_teacher}", "--set", "train.epochs=2",
+               "--set", "eval.epoch_limit=32", "--set", "eval.final_limit=32", "--set", "ablation.seeds=[0, 1]",
+               "--set", "ablation.max_concurrent=1", "--set", "ablation.tune.max_concurrent=1",
+               "--set", "ablation.tune.num_samples=3", "--set", "attack.steps=2",
+               "--set", "eval.final_attacks=[clean, pgd20]", "--set", "ablation.metrics=[best_pgd20_acc]",
+               "--set", "ablation.variants={crdnd: {}, rslad: {method.name: rslad}}"]
+    before, after = interrupt_then_resume(command, folder, tmp_path, finished=2)
+    assert 2 <= len(before) < 10
+    assert len(after) == 2 * 3 + 2 * 2, "3 tuning trials per variant, then 2 seeds per variant"
+    assert all(after[trial] == mtime for trial, mtime in before.items())
+    cells = pd.read_csv(folder / "cells.csv")
+    for variant in ("crdnd", "rslad"):
+        record = json.loads((folder / "tuning" / f"{variant}.json").read_text())
+        assert record["trials"] == 3 and sorted(record["settings"]) == ["train.lr"]
+        best = max(record["rows"], key=lambda row: row["pgd20_acc"])
+        assert record["settings"]["train.lr"] == pytest.approx(best["param.train.lr"])
+        assert cells[cells["variant"] == variant]["param.train.lr"].tolist() == pytest.approx(
+            [record["settings"]["train.lr"]] * 2)
