@@ -277,7 +277,7 @@ def test_shipped_ablation_files_validate():
 def test_resumed_ablation_skips_finished_cells(tmp_path, digits_teacher):
     folder = tmp_path / "ablation"
     command = ["ablate", str(REPO / "ablations" / "digits.yaml"), "--set", "tracking.enabled=false",
-               "--set", f"teacher.checkpoint={digits_teacher}", "--set", "train.epochs=2",
+               "--set", f"teacher.checkpoint={digits_teacher}", "--set", "train.epochs=2", "--set", "ablation.tune=null",
                "--set", "eval.epoch_limit=32", "--set", "eval.final_limit=32", "--set", "ablation.seeds=[0, 1]",
                "--set", "ablation.max_concurrent=1", "--set", "attack.steps=2",
                "--set", "eval.final_attacks=[clean, pgd20]", "--set", "ablation.metrics=[best_pgd20_acc]",
