@@ -4,7 +4,6 @@ dry runs and bad input."""
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pandas as pd
