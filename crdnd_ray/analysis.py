@@ -1,7 +1,9 @@
 """Statistics and selection of results: Pareto fronts, metric directions, paired comparisons over seeds.
 
 No plotting and no tracking store: the engine uses it to rank trials and build ablation tables, the report
-layer to mark what is best.
+layer to mark what is best. A comparison of two settings over the same seeds is :func:`paired_difference`
+(mean difference, t-based 95 % interval, paired t-test, probability of improvement); the p-values of a table's
+comparisons are then adjusted together with :func:`holm`.
 """
 
 from __future__ import annotations
@@ -12,15 +14,16 @@ from typing import TYPE_CHECKING, Any, Sequence
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["mean", "metric_mode", "paired_difference", "pareto_mask", "pareto_rows", "std"]
+__all__ = ["MIN_TEST_PAIRS", "holm", "mean", "metric_mode", "paired_difference", "pareto_mask", "pareto_rows", "std"]
+
+MIN_TEST_PAIRS = 3
+"""Fewest paired seeds for which :func:`paired_difference` gives an interval and a p-value."""
 
 
 def metric_mode(metric: str) -> str:
     """``min`` for losses and times, ``max`` for everything else (accuracies)."""
     lowered = metric.lower()
     return "min" if "loss" in lowered or lowered.endswith(("_time_s", "_s")) else "max"
-
-
 
 
 def pareto_mask(values: np.ndarray, modes: Sequence[str]) -> np.ndarray:
@@ -54,8 +57,6 @@ def pareto_mask(values: np.ndarray, modes: Sequence[str]) -> np.ndarray:
     return valid & ~dominated
 
 
-
-
 def pareto_rows(rows: list[dict[str, Any]], metrics: Sequence[str], modes: Sequence[str]) -> list[dict[str, Any]]:
     """The rows on the Pareto front of ``metrics``: finished or stopped rows with finite values, not dominated."""
     import numpy as np
@@ -81,27 +82,49 @@ def std(values: Sequence[float]) -> float:
     return math.sqrt(sum((v - centre) ** 2 for v in values) / (len(values) - 1))
 
 
-def paired_difference(pairs: Sequence[tuple[float, float]]) -> dict[str, Any]:
-    """Mean difference ``a − b`` over seed pairs with a p-value: a paired t-test from 3 pairs, else a sign test.
+def paired_difference(pairs: Sequence[tuple[float, float]], mode: str = "max",
+                      confidence: float = 0.95) -> dict[str, Any]:
+    """Compare ``a`` with ``b`` over seed pairs ``(a, b)``: how much better, how sure, how often.
 
-    Returns ``delta``, ``p_value`` and ``test`` (a description that states n, and flags the sign test as too
-    small to be conclusive).
+    Returns ``n`` (pairs), ``delta`` (mean of ``a − b``), ``ci_low``/``ci_high`` (its ``confidence`` interval
+    from the t distribution with n − 1 degrees of freedom), ``p_value`` (two-sided paired t-test,
+    ``scipy.stats.ttest_rel``), ``prob_improvement`` (share of pairs where ``a`` beats ``b`` in the direction of
+    ``mode``, ties counting one half) and ``test`` (what was computed, or why nothing was). With fewer than
+    :data:`MIN_TEST_PAIRS` pairs, or when every difference is the same, there is no test: the interval and
+    p-value are NaN.
     """
     from scipy import stats
 
     differences = [a - b for a, b in pairs]
-    result: dict[str, Any] = {"delta": mean(differences), "p_value": math.nan, "test": ""}
-    if not pairs:
-        return result
-    if len(pairs) >= 3 and std(differences) > 0:
-        result["p_value"] = float(stats.ttest_rel([a for a, _ in pairs], [b for _, b in pairs]).pvalue)
-        result["test"] = f"paired t-test, n={len(pairs)}"
-    elif len(pairs) >= 3:
-        result["p_value"] = 1.0 if result["delta"] == 0 else 0.0
-        result["test"] = f"paired t-test, n={len(pairs)} (identical differences)"
+    n = len(differences)
+    sign = 1.0 if mode == "max" else -1.0
+    result: dict[str, Any] = {
+        "n": n, "delta": mean(differences), "ci_low": math.nan, "ci_high": math.nan, "p_value": math.nan,
+        "prob_improvement": (sum((sign * d > 0) + 0.5 * (d == 0) for d in differences) / n) if n else math.nan,
+        "test": "",
+    }
+    if n < MIN_TEST_PAIRS:
+        result["test"] = f"no test: n={n} paired seeds, fewer than {MIN_TEST_PAIRS}"
+    elif max(differences) == min(differences):
+        result["test"] = f"no test: all {n} paired differences equal {differences[0]:+.4g}"
     else:
-        wins = sum(d > 0 for d in differences)
-        losses = sum(d < 0 for d in differences)
-        result["p_value"] = float(stats.binomtest(wins, wins + losses).pvalue) if wins + losses else 1.0
-        result["test"] = f"sign test, n={len(pairs)} (too few seeds for a t-test; not conclusive)"
+        tested = stats.ttest_rel([a for a, _ in pairs], [b for _, b in pairs])
+        interval = tested.confidence_interval(confidence)
+        result.update(p_value=float(tested.pvalue), ci_low=float(interval.low), ci_high=float(interval.high),
+                      test=f"paired t-test, n={n}")
     return result
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values (controls the family-wise error rate).
+
+    The k-th smallest of the m p-values is multiplied by m − k + 1, capped at 1 and made non-decreasing in that
+    order. NaN entries are comparisons without a test: they stay NaN and do not count in m.
+    """
+    tested = sorted((p, index) for index, p in enumerate(p_values) if math.isfinite(p))
+    adjusted = [math.nan] * len(p_values)
+    running = 0.0
+    for rank, (p, index) in enumerate(tested):
+        running = max(running, min(1.0, (len(tested) - rank) * p))
+        adjusted[index] = running
+    return adjusted

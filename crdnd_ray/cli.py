@@ -221,19 +221,31 @@ def evaluate(
 
 def _dry_run(plan: Any, cfg: RunConfig, output: Optional[Path]) -> None:
     """Print a plan with the problems this machine would hit (missing data, teacher, store): as warnings,
-    since a plan is often checked before it ships to the cluster that has them."""
-    from crdnd_ray.engine.cost import estimate
+    since a plan is often checked before it ships to the cluster that has them; then its cost per stage (a
+    tuned ablation's tuning trials, then its seeds)."""
+    from crdnd_ray.engine.cost import calibrate, estimate
     from crdnd_ray.engine.preflight import environment_problems
 
     plan.details["warnings"] = plan.details.get("warnings", []) + [str(p) for p in environment_problems(cfg, output)]
-    cost = plan.details["cost"] = estimate(cfg, plan.trials, plan.concurrent)
+    stages = [(plan.kind, plan.trials, plan.concurrent, None)]
+    tuning = plan.details.get("tuning")
+    if isinstance(tuning, dict) and cfg.ablation is not None and cfg.ablation.tune is not None:
+        stages.insert(0, ("tuning", tuning["trials"], tuning["concurrent"], cfg.ablation.tune.scheduler))
+    calibration = calibrate(cfg)
+    costs = {name: estimate(cfg, trials, concurrent, calibration, scheduler)
+             for name, trials, concurrent, scheduler in stages}
+    plan.details["cost"] = costs[plan.kind] if len(costs) == 1 else costs
     stdout.print_json(json.dumps({"plan": plan.__dict__, "config": cfg.run_dict()}, default=str))
-    saving = (f"; ASHA runs {cost['asha_fraction']:.0%} of the epochs: ≈ "
-              f"{duration(cost['device_hours_with_asha'] * 3600)}" if cost["asha_fraction"] < 1 else "")
-    console.print(f"cost of training ({plan.trials} trials × {cost['epochs']} epochs × {cost['examples_per_epoch']:,} "
-                  f"examples), in device time on {cost['device']}: ≈ {duration(cost['device_hours'] * 3600)} without "
-                  f"early stopping{saving}; ≈ {duration(cost['wall_hours'] * 3600)} of wall time at {plan.concurrent} "
-                  f"trial(s) at a time. Measured here: a step of {cost['batch']} examples takes {cost['step_s']:.3g} s; "
+    for name, trials, concurrent, _ in stages:
+        cost = costs[name]
+        saving = (f"; ASHA runs {cost['asha_fraction']:.0%} of the epochs: ≈ "
+                  f"{duration(cost['device_hours_with_asha'] * 3600)}" if cost["asha_fraction"] < 1 else "")
+        console.print(f"cost of the {name} training ({trials} trials × {cost['epochs']} epochs × "
+                      f"{cost['examples_per_epoch']:,} examples), in device time on {cost['device']}: ≈ "
+                      f"{duration(cost['device_hours'] * 3600)} without early stopping{saving}; ≈ "
+                      f"{duration(cost['wall_hours'] * 3600)} of wall time at {concurrent} trial(s) at a time.",
+                      highlight=False)
+    console.print(f"Measured here: a step of {calibration['batch']} examples takes {calibration['step_s']:.3g} s; "
                   "evaluation is extra.", highlight=False)
 
 
@@ -272,7 +284,7 @@ def sweep(
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the interrupted sweep in this folder."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved plan and exit."),
 ) -> None:
-    """Search temperature, contrastive weight and compensation with Ray Tune + Optuna."""
+    """Search the settings of search.space (learning rate, temperatures, contrastive weight, compensation)."""
     from crdnd_ray.engine.cost import totals
     from crdnd_ray.engine.sweep import plan_sweep, run_sweep
 
@@ -312,11 +324,16 @@ def ablate(
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     output: Optional[Path] = typer.Option(None, "--output", help=OUTPUT_HELP),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the interrupted ablation in this folder."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved plan (tuning and seeds) and exit."),
 ) -> None:
-    """Run the ablation study (variants × seeds) and print the mean ± std table."""
-    from crdnd_ray.engine.ablation import run_ablation
+    """Run the ablation study (variants × seeds, each variant first tuned with ablation.tune) and print its table."""
+    from crdnd_ray.engine.ablation import plan_ablation, run_ablation
 
     cfg = resumed_config(resume, set_, "ablation") if resume is not None else load(config, set_)
+    plan = plan_ablation(cfg)
+    if dry_run:
+        _dry_run(plan, cfg, output)
+        return
     folder = prepare_folder(cfg, output, resume, "ablation")
     started = time.perf_counter()
     with ProgressView(console) as view:

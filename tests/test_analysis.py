@@ -35,14 +35,49 @@ def test_metric_modes():
         "max", "min", "min", "max"]
 
 
-def test_paired_difference_uses_the_t_test_from_three_pairs_and_the_sign_test_below():
+def test_paired_difference_gives_the_t_interval_the_t_test_and_the_probability_of_improvement():
     from scipy import stats
 
-    pairs = [(13.0, 10.0), (14.0, 12.0), (18.0, 14.0)]
+    pairs = [(13.0, 10.0), (14.0, 12.0), (18.0, 14.0), (11.0, 11.0)]
+    differences = np.array([3.0, 2.0, 4.0, 0.0])
     result = analysis.paired_difference(pairs)
-    assert result["delta"] == pytest.approx(3.0)
-    assert result["p_value"] == pytest.approx(stats.ttest_rel([13, 14, 18], [10, 12, 14]).pvalue)
-    assert result["test"] == "paired t-test, n=3"
-    small = analysis.paired_difference(pairs[:2])
-    assert "sign test" in small["test"] and small["p_value"] == pytest.approx(0.5)
+    half_width = stats.t.ppf(0.975, df=3) * differences.std(ddof=1) / math.sqrt(4)
+    assert result["n"] == 4 and result["delta"] == pytest.approx(2.25)
+    assert result["ci_low"] == pytest.approx(2.25 - half_width) and result["ci_high"] == pytest.approx(2.25 + half_width)
+    assert result["p_value"] == pytest.approx(stats.ttest_1samp(differences, 0.0).pvalue)
+    assert result["prob_improvement"] == pytest.approx((3 + 0.5) / 4)
+    assert result["test"] == "paired t-test, n=4"
+    lower_is_better = analysis.paired_difference(pairs, mode="min")
+    assert lower_is_better["delta"] == pytest.approx(2.25) and lower_is_better["prob_improvement"] == pytest.approx(0.5 / 4)
+    assert lower_is_better["p_value"] == pytest.approx(result["p_value"])
+
+
+@pytest.mark.parametrize("pairs, reason", [
+    ([(13.0, 10.0), (14.0, 12.0)], "n=2 paired seeds, fewer than 3"),
+    ([(13.0, 10.0), (15.0, 12.0), (4.0, 1.0)], "all 3 paired differences equal +3"),
+])
+def test_paired_difference_gives_no_test_with_too_few_seeds_or_constant_differences(pairs, reason):
+    result = analysis.paired_difference(pairs)
+    assert result["test"] == f"no test: {reason}"
+    assert all(math.isnan(result[key]) for key in ("p_value", "ci_low", "ci_high"))
+    assert result["delta"] == pytest.approx(np.mean([a - b for a, b in pairs]))
+    assert result["prob_improvement"] == 1.0
+
+
+def test_holm_adjusts_step_down_keeps_order_and_skips_missing_tests():
+    raw = [0.01, 0.04, math.nan, 0.03, 0.005]
+    adjusted = analysis.holm(raw)
+    assert adjusted[:2] == pytest.approx([0.03, 0.06]) and adjusted[3:] == pytest.approx([0.06, 0.02])
+    assert math.isnan(adjusted[2])
+    assert analysis.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+    assert analysis.holm([0.02]) == pytest.approx([0.02]) and analysis.holm([]) == []
+    rng = np.random.default_rng(0)
+    many = rng.uniform(0, 0.2, size=12).tolist()
+    adjusted = analysis.holm(many)
+    order = np.argsort(many)
+    assert all(a >= p for a, p in zip(adjusted, many))
+    assert np.all(np.diff(np.array(adjusted)[order]) >= 0)
+
+
+def test_mean_and_std():
     assert analysis.std([1.0, 2.0, 3.0]) == pytest.approx(1.0) and math.isnan(analysis.mean([]))

@@ -156,7 +156,7 @@ def test_nested_overrides_apply_on_top_of_the_file():
     cfg = load_config(DIGITS, ["method.compensation.beta=2.5", "search.sampler.seed=7", "eval.eps=8/255",
                                "teacher.training.epochs=3", "student.kwargs.width=8", "method.temperature=4"])
     assert cfg.method.compensation.beta == 2.5
-    assert cfg.method.compensation.kind == "confidence", "siblings of an overridden key are kept"
+    assert cfg.method.compensation.kind == "none", "siblings of an overridden key are kept"
     assert cfg.search is not None and cfg.search.sampler.seed == 7 and cfg.search.sampler.kind == "tpe"
     assert cfg.eval.eps == pytest.approx(8 / 255)
     assert cfg.teacher.training.epochs == 3 and cfg.teacher.training.lr == 0.05
@@ -179,7 +179,7 @@ def test_dict_overrides_and_with_overrides_validate():
 def test_sweep_file_is_a_valid_run_config():
     cfg = load_config(DIGITS)
     assert isinstance(cfg, RunConfig)
-    assert cfg.search is not None and "method.temperature" in cfg.search.space
+    assert cfg.search is not None and cfg.search.space["train.lr"].type == "loguniform"
     assert cfg.data.name == "digits" and cfg.train.epochs == 8 and cfg.eval.eps == 0.2
     assert cfg.student.kwargs == {"width": 16} and cfg.teacher.training.epochs == 15
     run = cfg.run_dict()
@@ -224,6 +224,8 @@ def test_apply_overrides_free_form_mappings_take_the_rest_of_the_key():
         "ablation.variants.no_contrast.method.contrastive.kind": "none",
         "ablation.variants.no_contrast.method.compensation.beta": 2.0,
         "ablation.variants.full": {},
+        "ablation.tune.space.train.lr": {"type": "loguniform", "low": 0.1, "high": 10},
+        "ablation.tune.variant_space.ard.method.temperature": {"type": "uniform", "low": 1, "high": 30},
         "train.epochs": 3,
     })
     assert raw["student"] == {"arch": "small_cnn", "kwargs": {"width": 8}}
@@ -232,6 +234,9 @@ def test_apply_overrides_free_form_mappings_take_the_rest_of_the_key():
     assert raw["ablation"]["variants"]["no_contrast"] == {"method.contrastive.kind": "none",
                                                           "method.compensation.beta": 2.0}
     assert raw["ablation"]["variants"]["full"] == {}
+    assert raw["ablation"]["tune"] == {"space": {"train.lr": {"type": "loguniform", "low": 0.1, "high": 10}},
+                                       "variant_space": {"ard": {"method.temperature": {"type": "uniform", "low": 1,
+                                                                                        "high": 30}}}}
     assert raw["train"] == {"epochs": 3}
 
 

@@ -54,7 +54,7 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any], source: str 
 
     Inside free-form mappings (``student.kwargs``, ``search.space``, ...) the rest of the key is one
     entry, so ``--set search.space.method.temperature={type: uniform, low: 1, high: 4}`` works; inside
-    ``ablation.variants.NAME`` the rest is one dotted override of that variant.
+    ``ablation.variants.NAME`` (and ``ablation.tune.variant_space.NAME``) the rest is one dotted key.
     """
     for dotted, value in overrides.items():
         parts = split_key(dotted)
@@ -71,16 +71,19 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any], source: str 
         node[parts[-1]] = value
 
 
-_FREE_FORM_SECTIONS = ("student.kwargs", "teacher.kwargs", "scaling.resources_per_worker", "search.space")
+_FREE_FORM_SECTIONS = ("student.kwargs", "teacher.kwargs", "scaling.resources_per_worker", "search.space",
+                       "ablation.tune.space", "ablation.tune.overrides")
+_NAMED_FREE_FORM_SECTIONS = ("ablation.variants", "ablation.tune.variant_space")
 
 
 def split_key(dotted: str) -> list[str]:
     for prefix in _FREE_FORM_SECTIONS:
         if dotted.startswith(prefix + "."):
             return prefix.split(".") + [dotted[len(prefix) + 1 :]]
-    if dotted.startswith("ablation.variants."):
-        name, _, rest = dotted[len("ablation.variants.") :].partition(".")
-        return ["ablation", "variants", name] + ([rest] if rest else [])
+    for prefix in _NAMED_FREE_FORM_SECTIONS:
+        if dotted.startswith(prefix + "."):
+            name, _, rest = dotted[len(prefix) + 1 :].partition(".")
+            return prefix.split(".") + [name] + ([rest] if rest else [])
     return dotted.split(".")
 
 

@@ -19,6 +19,7 @@ from crdnd_ray.config.validation import validate_model
 
 __all__ = [
     "AblationConfig",
+    "AblationTuning",
     "AttackConfig",
     "CompensationConfig",
     "ContrastiveConfig",
@@ -139,12 +140,15 @@ class ModelConfig(_Section):
 class TeacherTrainingConfig(_Section):
     """How ``crdnd-ray teacher`` trains a robust teacher when no checkpoint is given.
 
-    A TRADES teacher uses ``method.trades.beta``, the one TRADES β of the config.
+    A TRADES teacher uses ``method.trades.beta``, the one TRADES β of the config. ``weight_decay`` left unset
+    takes ``train.weight_decay``; set it to keep the teacher (and its cache entry) fixed while the student's
+    weight decay is tuned.
     """
 
     method: Literal["sat", "trades"] = "sat"
     epochs: int = Field(default=20, ge=1)
     lr: PositiveNumber = 0.05
+    weight_decay: NonNegativeNumber | None = None
 
 
 class TeacherConfig(_Section):
@@ -331,8 +335,12 @@ class ParameterSpec(_Section):
 
 
 class SamplerConfig(_Section):
+    """Optuna's sampler. ``tpe`` and ``gp`` propose at random for their first ``startup_trials`` trials
+    (unset: Optuna's default of 10, which makes a search of 10 trials or fewer a random search)."""
+
     kind: Literal["tpe", "gp", "random", "nsga2"] = "tpe"
     seed: int = 0
+    startup_trials: int | None = Field(default=None, ge=1)
 
 
 class SchedulerConfig(_Section):
@@ -376,17 +384,38 @@ class SearchConfig(_Section):
             )
         if len(self.metrics) > 1 and self.sampler.kind in ("gp",):
             raise ValueError("the 'gp' sampler is single-objective; use 'nsga2', 'tpe' or 'random'")
-        for name, spec in self.space.items():
-            for other in (spec.when or {}):
-                if other not in self.space:
-                    raise ValueError(
-                        f"parameter '{name}' has a condition on '{other}', which is not a parameter of the space"
-                    )
+        return self
+
+
+class AblationTuning(SearchConfig):
+    """Equal-budget tuning of every ablation variant (``ablation.tune``) before its seeds run.
+
+    Each variant gets its own Optuna search of ``num_samples`` trials (same sampler, scheduler and metric)
+    over ``space`` plus its entries of ``variant_space`` (an entry there replaces a shared one of the same
+    key). A key that the variant's own overrides set is pinned: it keeps that value and is not tuned. A
+    ``when`` condition may name a fixed config key (``method.name``, ``method.contrastive.kind``): the
+    variant's value decides whether the parameter is tuned for it. Tuning trials train with ``seed``, which
+    must not be one of ``ablation.seeds``: the seeds compared in the table must not be the ones that chose
+    the settings. Tuning has one objective, a metric reported every epoch, so ``overrides`` (dotted keys, for
+    the tuning trials only; a variant's own overrides win) can make their final evaluation cheap.
+    """
+
+    variant_space: dict[str, dict[str, ParameterSpec]] = Field(default_factory=dict)
+    seed: int = 1000
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_tuning(self) -> AblationTuning:
+        if len(self.metrics) > 1:
+            raise ValueError("tuning picks one best setting per variant, so it needs a single 'metric'")
+        if not self.space and not any(self.variant_space.values()):
+            raise ValueError("there is nothing to tune: give 'space' (shared) or 'variant_space' entries, "
+                             "e.g. space: {train.lr: {type: loguniform, low: 0.1, high: 10}}")
         return self
 
 
 class AblationConfig(_Section):
-    """Component switches × seeds (``crdnd-ray ablate``)."""
+    """Component switches × seeds (``crdnd-ray ablate``), optionally each variant tuned first (``tune``)."""
 
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     variants: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -394,6 +423,7 @@ class AblationConfig(_Section):
     metrics: list[str] = Field(default_factory=lambda: ["best_clean_acc", "best_pgd20_acc", "best_cw_acc"])
     from_sweep: str | None = None
     max_concurrent: int = Field(default=2, ge=1)
+    tune: AblationTuning | None = None
 
     @model_validator(mode="after")
     def _check(self) -> AblationConfig:
@@ -405,6 +435,15 @@ class AblationConfig(_Section):
             raise ValueError(
                 f"baseline '{self.baseline}' is not among the variants ({', '.join(self.variants)})"
             )
+        if self.tune is not None:
+            unknown = [name for name in self.tune.variant_space if name not in self.variants]
+            if unknown:
+                raise ValueError(f"tune.variant_space names {', '.join(unknown)}, which is not among the variants "
+                                 f"({', '.join(self.variants)})")
+            if self.tune.seed in self.seeds:
+                raise ValueError(f"tune.seed {self.tune.seed} is also one of the seeds {self.seeds}; the tuning seed "
+                                 "chose the settings, so a run with it would not be a fresh measurement. Pick a "
+                                 "tune.seed outside the seeds")
         return self
 
 

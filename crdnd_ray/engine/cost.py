@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from crdnd_ray.config import RunConfig
+from crdnd_ray.config import RunConfig, SchedulerConfig
 from crdnd_ray.data import dataset_info
 from crdnd_ray.engine.loop import COST_KEYS, configure_threads
 from crdnd_ray.methods import build_distiller
@@ -70,9 +70,11 @@ def asha_fraction(grace_period: int, reduction_factor: float, max_t: int) -> flo
     return spent / max_t
 
 
-def estimate(cfg: RunConfig, trials: int, concurrent: int, calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+def estimate(cfg: RunConfig, trials: int, concurrent: int, calibration: dict[str, Any] | None = None,
+             scheduler: SchedulerConfig | None = None) -> dict[str, Any]:
     """The device-hours of ``trials`` trials of ``cfg`` (training only), from :func:`calibrate`, and with ASHA
-    (``search.scheduler``) when it is on; the wall-clock hours at ``concurrent`` trials at a time."""
+    when ``scheduler`` (default ``search.scheduler``) is ASHA; the wall-clock hours at ``concurrent`` trials at
+    a time."""
     calibration = calibration or calibrate(cfg)
     info = dataset_info(cfg.data)
     examples = min(cfg.data.train_limit or info.train_size, info.train_size)
@@ -81,7 +83,8 @@ def estimate(cfg: RunConfig, trials: int, concurrent: int, calibration: dict[str
         examples = min(examples, cfg.train.max_steps_per_epoch * cfg.data.batch_size)
     full_h = calibration["s_per_example"] * examples * cfg.train.epochs * trials / 3600
     fraction = 1.0
-    scheduler = cfg.search.scheduler if cfg.search is not None else None
+    if scheduler is None and cfg.search is not None:
+        scheduler = cfg.search.scheduler
     if scheduler is not None and scheduler.kind == "asha":
         fraction = asha_fraction(scheduler.grace_period, scheduler.reduction_factor,
                                  scheduler.max_t or cfg.train.epochs)

@@ -4,9 +4,9 @@ Two kinds, both one paragraph each and exit code 2 in the CLI:
 
 * **config checks** (:func:`check_config`): names the schema leaves free (``method.name`` against the method
   registry, attack names), for the base config and for every config a sweep or an ablation derives from it:
-  each ablation variant and each value a search space can choose. The schema cannot do this itself: the
-  methods import it. (A sweep's own bounds, such as ASHA's grace period, are checked by
-  ``engine.sweep.validate_space``, which every sweep and ``--dry-run`` runs first.)
+  each ablation variant and each value a search or tuning space can choose. The schema cannot do this itself:
+  the methods import it. (A search's own bounds, such as ASHA's grace period, are checked by
+  ``engine.sweep.check_search``, which every sweep, tuned ablation and ``--dry-run`` runs first.)
 * **environment checks** (:func:`environment_problems`): the dataset is on disk, the teacher checkpoint is
   readable and fits ``teacher.kwargs``, the output folder is writable, the tracking store answers.
 
@@ -33,11 +33,18 @@ __all__ = ["check_config", "derived_configs", "environment_problems", "preflight
 
 
 def derived_configs(cfg: RunConfig) -> Iterator[tuple[str, RunConfig]]:
-    """``(where, config)`` for the base config, each ablation variant and each choice of the search space."""
+    """``(where, config)`` for the base config, each ablation variant (with each choice its tuning space can
+    make) and each choice of the search space."""
     yield "the config", cfg
     if cfg.ablation is not None:
+        tune = cfg.ablation.tune
         for name, overrides in cfg.ablation.variants.items():
-            yield f"ablation.variants.{name}", cfg.with_overrides(dict(overrides or {}), source=f"ablation.variants.{name}")
+            source = f"ablation.variants.{name}"
+            yield source, cfg.with_overrides(dict(overrides or {}), source=source)
+            for key, spec in ({**tune.space, **tune.variant_space.get(name, {})} if tune else {}).items():
+                for value in spec.values or []:
+                    yield (f"ablation.tune (variant '{name}') {key}",
+                           cfg.with_overrides({**(overrides or {}), key: value}, source=f"ablation.tune.{key}"))
     if cfg.search is not None:
         for key, spec in cfg.search.space.items():
             for value in spec.values or []:

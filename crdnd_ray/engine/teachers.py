@@ -51,6 +51,7 @@ def teacher_run_config(cfg: RunConfig) -> RunConfig:
             "attack.bn_mode": None,
             "train.epochs": training.epochs,
             "train.lr": training.lr,
+            "train.weight_decay": cfg.train.weight_decay if training.weight_decay is None else training.weight_decay,
             "search": None,
             "ablation": None,
         },

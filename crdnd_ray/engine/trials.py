@@ -32,11 +32,13 @@ from crdnd_ray.tracking.store import Recorder
 from crdnd_ray.tracking.uris import TrackingUnavailable
 from crdnd_ray.tracking.sync import sync_trials
 
-__all__ = ["TERMINAL", "TrialSpec", "TrialsPlan", "TrialsResult", "plan_trials", "run_trials"]
+__all__ = ["TERMINAL", "TrialSpec", "TrialsPlan", "TrialsResult", "plan_trials", "run_trials", "start_parent"]
 
 TERMINAL = ("finished", "stopped_early", "failed", "killed")
 VIEW_METRICS = ("best_clean_acc", "best_pgd20_acc")
 """Metrics the MLflow UI view of a sweep or ablation shows after its own ranking metrics."""
+
+
 @dataclass
 class TrialsResult:
     """What :func:`run_trials` returns: one row per trial, and the parent run that files can be attached to."""
@@ -56,6 +58,16 @@ class TrialsResult:
             self.recorder.log_artifacts(self.parent_run_id, files)
             if metrics:
                 self.recorder.log_metrics(self.parent_run_id, metrics)
+        except TrackingUnavailable:
+            pass
+
+    def finish_parent(self) -> None:
+        """End the parent run as finished (for a caller that passed ``parent_run_id``); nothing when interrupted,
+        not tracking, or the store does not answer (``crdnd-ray sync`` ends it later)."""
+        if self.recorder is None or self.parent_run_id is None or self.interrupted:
+            return
+        try:
+            self.recorder.finish(self.parent_run_id, "finished")
         except TrackingUnavailable:
             pass
 
@@ -113,15 +125,20 @@ def run_trials(cfg: RunConfig, folder: Path, *, kind: str, param_space: dict[str
                search_alg: Any = None, scheduler: Any = None, resume: bool = False,
                teacher_path: Path | None = None, printer: Callable[[str], None] = print,
                parent_params: dict[str, Any] | None = None,
-               extra_callbacks: list[Any] | None = None) -> TrialsResult:
+               extra_callbacks: list[Any] | None = None, experiment: str | None = None,
+               parent_run_id: str | None = None) -> TrialsResult:
     """Run trials with Ray Tune and return one row per trial with the MLflow parent run.
 
     Each row holds the trial's overrides, status (finished / stopped_early / failed, or running / pending when
     interrupted), reason, epochs run, wall time and metrics (the last report's, including the final
     ``best_*``/``last_*``). An interrupted run (Ctrl-C, SIGTERM) returns with ``interrupted`` set, its
     unfinished runs killed in MLflow; the caller writes its tables, then :meth:`TrialsResult.raise_if_interrupted`.
+    ``experiment`` names the Tune experiment under ``<folder>/tune`` (default ``kind``), so that several stages
+    can share one folder; with ``parent_run_id`` the trials are recorded under that parent run (made by
+    :func:`start_parent`), which the caller ends, instead of a parent of their own.
     """
     folder = Path(folder).resolve()
+    name = experiment or kind
     route_library_logs(folder)
     printer("starting Ray" + (f" (joining {cfg.scaling.address})" if cfg.scaling.address else
                               ": a local instance takes 5-15 s"))
@@ -131,7 +148,10 @@ def run_trials(cfg: RunConfig, folder: Path, *, kind: str, param_space: dict[str
     plan = plan_resources(cfg.scaling, cluster, concurrent_trials=max_concurrent, in_process=in_process,
                           node_cpus=node_cpus())
     _link_ray_logs(folder)
-    recorder, parent_id = _start_parent(cfg, folder, kind, resume, parent_params or {})
+    if parent_run_id is None:
+        recorder, parent_id = start_parent(cfg, folder, kind, resume, parent_params or {})
+    else:
+        recorder, parent_id = Recorder(cfg.tracking, cfg.experiment.name), parent_run_id
     if recorder is not None and parent_id is not None:
         view = links.trials_view(parent_id, metrics=[*metrics, *(m for m in VIEW_METRICS if m not in metrics)],
                                  params=spec.shown_params, mode="min" if modes[0] == "min" else "max",
@@ -151,12 +171,12 @@ def run_trials(cfg: RunConfig, folder: Path, *, kind: str, param_space: dict[str
         plan.trial_resources,
     )
     tune_dir = folder / "tune"
-    printer(f"{kind}: {total} trial(s), {plan.describe()}; "
+    printer(f"{name}: {total} trial(s), {plan.describe()}; "
             f"{'trains in the Tune trial' if in_process else 'Ray Train per trial'}")
-    run_config = tune.RunConfig(name=kind, storage_path=str(tune_dir), callbacks=callbacks, verbose=0,
+    run_config = tune.RunConfig(name=name, storage_path=str(tune_dir), callbacks=callbacks, verbose=0,
                                 failure_config=tune.FailureConfig(max_failures=cfg.scaling.max_failures))
-    if resume and tune.Tuner.can_restore(str(tune_dir / kind)):
-        tuner = tune.Tuner.restore(str(tune_dir / kind), trainable=trainable, resume_unfinished=True,
+    if resume and tune.Tuner.can_restore(str(tune_dir / name)):
+        tuner = tune.Tuner.restore(str(tune_dir / name), trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
         tuner._local_tuner._run_config.callbacks = callbacks
     else:
@@ -172,32 +192,33 @@ def run_trials(cfg: RunConfig, folder: Path, *, kind: str, param_space: dict[str
         interrupted = True
     except Exception as error:  # noqa: BLE001 - reported below with the trials that were kept
         failure = error
-    rows = _rows(tune_dir / kind, spec)
+    rows = _rows(tune_dir / name, spec)
     if failure is not None:
         ray.shutdown()
-        raise TrainingFailed(f"Ray Tune stopped the {kind} ({root_cause(failure)}); the {len(rows)} trial(s) it "
+        raise TrainingFailed(f"Ray Tune stopped the {name} ({root_cause(failure)}); the {len(rows)} trial(s) it "
                              f"recorded are kept in {folder}; continue with --resume {folder}") from failure
     interrupted = interrupted or len(rows) < total or any(row["status"] not in TERMINAL for row in rows)
     if interrupted:
-        rows = _rows(tune_dir / kind, spec, interrupted=True)
+        rows = _rows(tune_dir / name, spec, interrupted=True)
     if recorder is not None and parent_id is not None:
-        _bring_store_in_line(recorder, parent_id, folder, rows, cfg, kind, callbacks, interrupted)
-    printer(f"{kind} {'interrupted' if interrupted else 'done'}: {len(rows)} trial(s) recorded")
+        _bring_store_in_line(recorder, parent_id, folder, rows, cfg, kind, callbacks, interrupted,
+                             end_parent=parent_run_id is None)
+    printer(f"{name} {'interrupted' if interrupted else 'done'}: {len(rows)} trial(s) recorded")
     if interrupted:
         ray.shutdown()
     return TrialsResult(rows, parent_id, recorder, interrupted, folder)
 
 
 def _bring_store_in_line(recorder: Recorder, parent_id: str, folder: Path, rows: list[dict[str, Any]],
-                         cfg: RunConfig, kind: str, callbacks: list[Any], interrupted: bool) -> None:
-    """End every child run as its trial ended (killed when interrupted) and the parent run; a store that does
-    not answer leaves one line naming ``crdnd-ray sync``."""
+                         cfg: RunConfig, kind: str, callbacks: list[Any], interrupted: bool, end_parent: bool) -> None:
+    """End every child run as its trial ended (killed when interrupted) and, with ``end_parent``, the parent run
+    (killed when interrupted); a store that does not answer leaves one line naming ``crdnd-ray sync``."""
     records = next((c.records for c in callbacks if isinstance(c, TrialRecorder)), {})
     try:
         sync_trials(recorder, parent_id, folder, rows, flatten(cfg.run_dict()), kind, records)
         if interrupted:
             recorder.finish(parent_id, "killed", f"Interrupted; continue with --resume {folder}")
-        else:
+        elif end_parent:
             recorder.finish(parent_id, "finished")
     except TrackingUnavailable:
         print(f"the tracking store still does not answer: what it missed waits in {folder}; send it with "
@@ -240,8 +261,8 @@ def _link_ray_logs(folder: Path) -> None:
         link.symlink_to(logs.resolve(), target_is_directory=True)
 
 
-def _start_parent(cfg: RunConfig, folder: Path, kind: str, resume: bool,
-                  params: dict[str, Any]) -> tuple[Recorder | None, str | None]:
+def start_parent(cfg: RunConfig, folder: Path, kind: str, resume: bool,
+                 params: dict[str, Any]) -> tuple[Recorder | None, str | None]:
     """The recorder and the parent run of this sweep or ablation (the one in ``run.json`` when resuming)."""
     runs.update_run_info(folder, kind=kind)
     if not cfg.tracking.enabled:

@@ -89,7 +89,7 @@ def terminal_table(frame: pd.DataFrame, metric: str | None, mode: str, title: st
         shown = frame.assign(_key=values).sort_values("_key", ascending=(mode == "min"), na_position="last",
                                                       kind="stable").drop(columns="_key")
     width = width or shutil.get_terminal_size((120, 24)).columns
-    tags = [c for c in ("variant", "seed", "verify") if c in shown.columns]
+    tags = [c for c in ("variant", "stage", "seed", "verify") if c in shown.columns]
     params = [c for c in shown.attrs.get("sampled", []) if c in shown.columns]
     metrics = [m for m in dict.fromkeys([metric, *KEY_METRICS]) if m in shown.columns][:4]
     labels = {"run_name": "run", "status": "status", **{t: t for t in tags}, **_short_labels(params),
@@ -118,7 +118,8 @@ def _first_present(frame: pd.DataFrame, *names: str) -> str | None:
 def summary_plots(frame: pd.DataFrame, folder: Path | str, metric: str | None = None, mode: str | None = None,
                   params: Sequence[str] | None = None, prefix: str = "") -> list[Path]:
     """The report's plots for a runs table: history, parameter vs metric, clean-vs-robust Pareto front, and
-    (when a ``variant`` column exists) mean ± std per variant. Returns the PNG files written."""
+    (when a ``variant`` column exists) mean ± std per variant over its seed runs (a tuned ablation's tuning
+    trials, ``stage`` ``tuning``, are left out). Returns the PNG files written."""
     import pandas as pd
 
     folder = Path(folder)
@@ -141,8 +142,9 @@ def summary_plots(frame: pd.DataFrame, folder: Path | str, metric: str | None = 
         written.append(plots.pareto_front(frame, clean, robust, folder / f"{prefix}pareto.png"))
     if "variant" in frame.columns:
         shown = [m for m in frame.attrs.get("metrics", [metric]) if m in frame.columns and m.endswith("_acc")]
+        seeds = frame[frame["stage"] != "tuning"] if "stage" in frame.columns else frame
         rows = []
-        for variant, group in frame.groupby(frame["variant"].astype(str), sort=False):
+        for variant, group in seeds.groupby(seeds["variant"].astype(str), sort=False):
             for name in shown or [metric]:
                 values = pd.to_numeric(group[name], errors="coerce").dropna()
                 if len(values):

@@ -17,7 +17,7 @@ __all__ = ["check_experiment", "client_for", "default_metrics", "runs_frame"]
 
 _PREFERRED = ("best_clean_acc", "best_fgsm_acc", "best_pgd20_acc", "best_cw_acc", "best_autoattack_acc",
               "verify_autoattack_acc")
-_TAG_COLUMNS = ("variant", "seed", "verify")
+_TAG_COLUMNS = ("variant", "stage", "seed", "verify")
 
 
 def _to_numeric_if_possible(column: pd.Series) -> pd.Series:
@@ -54,7 +54,7 @@ def runs_frame(tracking_uri: str, experiment: str, parent_run_id: str | None = N
 
     With ``parent_run_id`` only that parent's children; with ``top_level`` only runs without a parent; with
     ``run_ids`` only those runs. Columns: ``run_id``, ``run_name``, ``status`` (the ``status`` tag), the
-    ``variant``/``seed`` tags when present, the sampled parameters (marked ``sampled.*`` in MLflow, shown
+    ``variant``/``stage``/``seed`` tags when present, the sampled parameters (marked ``sampled.*`` in MLflow, shown
     under their own name), the other parameters whose values differ between runs (both sorted by name), and
     ``metrics`` (default :func:`default_metrics`). ``frame.attrs`` holds the lists ``sampled``, ``params``
     and ``metrics``.

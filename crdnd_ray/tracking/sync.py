@@ -67,7 +67,7 @@ def sync_trials(recorder: Recorder, parent_run_id: str, folder: Path, rows: list
                 params = {**base_params, **sampled}
                 tags = {"trial_id": trial_id, f"{kind}_id": parent_run_id, "kind": kind,
                         "method": str(params.get("method.name")), "seed": str(params.get("experiment.seed")),
-                        **{key: row[key] for key in ("variant", "seed") if _present(row.get(key))}}
+                        **{key: row[key] for key in ("variant", "stage", "seed") if _present(row.get(key))}}
                 record = RunRecord.start(recorder, str(row["trial"]), params, tags, trial_folder,
                                          parent_run_id=parent_run_id, sampled=sampled)
             else:

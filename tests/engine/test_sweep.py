@@ -18,7 +18,7 @@ from conftest import (CLI, REPO, epochs_done, interrupt_then_resume, loss_steps,
                       start_cli, wait_until)
 from crdnd_ray.cli import app
 from crdnd_ray.config import ConfigError, load_config
-from crdnd_ray.engine.sweep import plan_sweep, run_sweep, validate_space
+from crdnd_ray.engine.sweep import plan_sweep, resolve_space, run_sweep, validate_space
 
 pytestmark = pytest.mark.slow
 
@@ -158,6 +158,25 @@ def test_bad_spaces_are_clear_errors_before_anything_starts(space, message):
         validate_space(small_config(**{"search.space": space}))
 
 
+def test_a_condition_on_a_fixed_config_key_is_decided_by_the_config():
+    space = {"train.lr": {"type": "loguniform", "low": 0.1, "high": 10.0},
+             "method.contrastive.weight": {"type": "loguniform", "low": 0.05, "high": 2.0,
+                                           "when": {"method.contrastive.kind": ["infonce", "relation"]}},
+             "method.compensation.beta": {"type": "uniform", "low": 0.5, "high": 3.0,
+                                          "when": {"method.compensation.kind": ["confidence"]}}}
+    cfg = small_config(**{"search.space": space, "method.compensation.kind": "none"})
+    resolved = resolve_space(cfg, cfg.search.space, "search.space")
+    assert sorted(resolved) == ["method.contrastive.weight", "train.lr"]
+    assert resolved["method.contrastive.weight"].when is None
+    assert sorted(resolve_space(cfg, cfg.search.space, "search.space", pinned=["train.lr"])) == [
+        "method.contrastive.weight"]
+
+
+def test_a_single_objective_search_needs_a_metric_reported_every_epoch():
+    with pytest.raises(ConfigError, match="single-objective Optuna search needs"):
+        validate_space(small_config(**{"search.metric": "best_pgd20_acc", "search.scheduler": {"kind": "none"}}))
+
+
 def test_asha_with_several_objectives_is_refused():
     with pytest.raises(ConfigError, match="ASHA"):
         small_config(**{"search.metric": ["epoch_clean_acc", "epoch_pgd20_acc"], "search.mode": ["max", "max"]})
@@ -246,7 +265,9 @@ def test_a_sigkilled_sweep_is_repaired_by_resume(tmp_path, digits_teacher):
 
 def test_a_sweep_whose_every_trial_fails_exits_1_with_the_reasons(tmp_path, digits_teacher):
     done = subprocess.run([*CLI, *_fault_sweep_args(digits_teacher, samples=2), "--output", str(tmp_path / "sweep"),
-                           "--set", "train.epochs=1", "--set", "train.lr=1e30"], cwd=tmp_path,
+                           "--set", "train.epochs=1",
+                           "--set", "search.space={train.lr: {type: loguniform, low: 1.0e+29, high: 1.0e+30}}"],
+                          cwd=tmp_path,
                           capture_output=True, text=True, timeout=400)
     assert done.returncode == 1, done.stdout + done.stderr
     message = " ".join(done.stderr.split())

@@ -190,12 +190,13 @@ def test_teacher_is_cached_by_config_hash(tmp_path):
     # Student-only settings share the teacher; anything that changes the teacher gets a new folder.
     same = [{"method.contrastive.weight": 2.0}, {"method.temperature": 4.0}, {"method.compensation.kind": "none"},
             {"train.epochs": 5}, {"student.kwargs": {"width": 8}}, {"tracking.enabled": True},
-            {"data.root": str(tmp_path / "elsewhere")}, {"search": None}, {"method.trades.beta": 3.0}]
+            {"data.root": str(tmp_path / "elsewhere")}, {"search": None}, {"method.trades.beta": 3.0},
+            {"train.weight_decay": 1e-3}]
     for change in same:
         assert _teacher_key(_quick_teacher_config(**change)) == _teacher_key(cfg), change
     different = [{"teacher.training.lr": 0.1}, {"teacher.training.epochs": 2}, {"teacher.training.method": "trades"},
                  {"teacher.kwargs": {"width": 4}}, {"attack.eps": 0.1}, {"experiment.seed": 1},
-                 {"data.train_limit": 64}]
+                 {"data.train_limit": 64}, {"teacher.training.weight_decay": 1e-3}]
     keys = {_teacher_key(_quick_teacher_config(**change)) for change in different}
     assert len(keys) == len(different) and _teacher_key(cfg) not in keys
     trades = {"teacher.training.method": "trades"}
