@@ -287,6 +287,7 @@ def sweep(
     """Search the settings of search.space (learning rate, temperatures, contrastive weight, compensation)."""
     from crdnd_ray.engine.cost import totals
     from crdnd_ray.engine.sweep import plan_sweep, run_sweep
+    from crdnd_ray.engine.verify import VERIFY_COLUMNS
 
     cfg = resumed_config(resume, set_, "sweep") if resume is not None else load(config, set_)
     plan = plan_sweep(cfg)
@@ -304,7 +305,10 @@ def sweep(
                   outcome["rows"], metric, mode)
     if outcome["best"]:
         best = outcome["best"]
-        stdout.print(f"best trial {best['trial']} ({metric} {best[metric]:.2f}); its config: {folder / 'best.yaml'} "
+        verified = best.get(VERIFY_COLUMNS[0])
+        chosen = (f"by verified AutoAttack accuracy {verified:.2f}; {metric} {best[metric]:.2f}"
+                  if isinstance(verified, (int, float)) else f"{metric} {best[metric]:.2f}")
+        stdout.print(f"best trial {best['trial']} ({chosen}); its config: {folder / 'best.yaml'} "
                      f"(crdnd-ray train {folder / 'best.yaml'})", highlight=False)
     if outcome["pareto"]:
         stdout.print(f"Pareto front ({len(outcome['pareto'])} trials): {folder / 'pareto.csv'}", highlight=False)

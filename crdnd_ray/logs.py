@@ -7,6 +7,7 @@ trials included, is in ``<output folder>/crdnd-ray.log``.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 __all__ = ["LIBRARY_LOGGERS", "LOG_FILE", "route_library_logs"]
@@ -21,9 +22,11 @@ _HANDLERS: dict[Path, logging.FileHandler] = {}
 def route_library_logs(folder: Path) -> Path:
     """Send the records of :data:`LIBRARY_LOGGERS` (INFO and up) to ``folder/crdnd-ray.log``; return its path.
 
-    Their own console handlers are removed (Optuna's default handler too). Calling it again, as after
-    ``ray.init`` (which sets up Ray's handlers anew), only removes what came back.
+    Their own console handlers are removed (Optuna's default handler too), and MLflow is told not to install
+    its own when it is imported later (``MLFLOW_CONFIGURE_LOGGING``). Calling it again, as after ``ray.init``
+    (which sets up Ray's handlers anew), only removes what came back.
     """
+    os.environ["MLFLOW_CONFIGURE_LOGGING"] = "false"
     path = (Path(folder) / LOG_FILE).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     logging.captureWarnings(True)

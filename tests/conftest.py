@@ -48,6 +48,7 @@ def small_config(**overrides) -> RunConfig:
         "eval.epoch_limit": 64,
         "eval.final_limit": 64,
         "attack.steps": 3,
+        "eval.verify": False,
     }
     base.update(overrides)
     return load_config(REPO / "search_spaces" / "digits.yaml", base)

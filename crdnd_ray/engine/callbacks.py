@@ -199,8 +199,9 @@ class TrialsProgress(tune.Callback):
         if line is not None:
             done = sum(t["status"] not in ("running",) for t in self.trials.values())
             metric = f" {self.metrics[0]}={line['metric']:.2f}" if isinstance(line["metric"], (int, float)) else ""
-            self.printer(f"[{done}/{self.total}] {line['trial']} {what} epoch {line['epoch']}/{self.epochs}"
-                         f"{metric}  {line['params']}")
+            progress = (f"after {line['epoch']}/{self.epochs} epochs" if what != "started"
+                        else f"at epoch {line['epoch'] + 1}/{self.epochs}")
+            self.printer(f"[{done}/{self.total}] {line['trial']} {what} {progress}{metric}  {line['params']}")
         update = getattr(self.printer, "update", None)
         if update is not None:
             update(self.snapshot())

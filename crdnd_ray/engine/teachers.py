@@ -18,7 +18,7 @@ from torch import nn
 
 from crdnd_ray import runs
 from crdnd_ray.checkpoints import load_model
-from crdnd_ray.config import RunConfig, config_hash
+from crdnd_ray.config import CompensationConfig, ContrastiveConfig, IadConfig, RunConfig, config_hash
 from crdnd_ray.data import dataset_info
 from crdnd_ray.engine.loop import LoopContext, run_training
 from crdnd_ray.methods import METHODS
@@ -38,7 +38,9 @@ def needs_teacher(cfg: RunConfig) -> bool:
 
 
 def teacher_run_config(cfg: RunConfig) -> RunConfig:
-    """The run config that trains ``cfg``'s teacher: its architecture, adversarially, with no teacher."""
+    """The run config that trains ``cfg``'s teacher: its architecture, adversarially, with no teacher. The
+    student's distillation settings (compensation, contrastive loss, IAD) are reset to their defaults: they do
+    not change a PGD-AT or TRADES run, and two students that differ only in them get the same teacher run."""
     training = cfg.teacher.training
     return cfg.with_overrides(
         {
@@ -47,6 +49,9 @@ def teacher_run_config(cfg: RunConfig) -> RunConfig:
             "method.name": training.method,
             "method.temperature": None,
             "method.alpha": None,
+            "method.compensation": CompensationConfig().model_dump(mode="json"),
+            "method.contrastive": ContrastiveConfig().model_dump(mode="json"),
+            "method.iad": IadConfig().model_dump(mode="json"),
             "attack.start": None,
             "attack.bn_mode": None,
             "train.epochs": training.epochs,
@@ -73,6 +78,7 @@ def _teacher_key(cfg: RunConfig) -> str:
         relevant["method"]["trades"] = run["method"]["trades"]
     relevant["seed"] = cfg.experiment.seed
     relevant["data"] = {k: v for k, v in relevant["data"].items() if k not in ("root", "download", "loader_workers")}
+    relevant["eval"] = {k: v for k, v in relevant["eval"].items() if not k.startswith("verify")}
     return config_hash(relevant)
 
 

@@ -80,7 +80,8 @@ def _short_labels(names: list[str]) -> dict[str, str]:
 def terminal_table(frame: pd.DataFrame, metric: str | None, mode: str, title: str, width: int | None = None) -> str:
     """The table a researcher reads in a terminal: one row per run, best first by ``metric`` (marked ★), the
     run's name and status, the searched parameters under short names and a few key metrics, fitted to
-    ``width`` (the terminal's, 120 when it has none). ``crdnd-ray report --wide`` prints every column instead."""
+    ``width`` (the terminal's, 120 when it has none): what does not fit goes first from the key metrics after
+    the second, then from the parameters. ``crdnd-ray report --wide`` prints every column instead."""
     import pandas as pd
 
     shown = frame
@@ -100,7 +101,7 @@ def terminal_table(frame: pd.DataFrame, metric: str | None, mode: str, title: st
                                                    else 8 for v in shown[c]]) for c in columns)
 
     while natural(["run_name", "status", *tags, *params, *metrics]) > width and (len(metrics) > 1 or params):
-        (metrics if len(metrics) > 1 else params).pop()
+        (metrics if len(metrics) > 2 or not params else params).pop()
     best = shown[metric].first_valid_index() if metric in shown.columns else None
     marks = ["★" if index == best else "" for index in shown.index]
     return _render(shown, ["run_name", "status", *tags, *params, *metrics], labels, title, width, marks)

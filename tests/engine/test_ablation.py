@@ -41,7 +41,7 @@ def ablation_config(tmp_path, **overrides):
 
 @pytest.mark.slow
 def test_reduced_digits_ablation_matches_mlflow_and_shows_failed_cells(tmp_path, ray_session, digits_teacher):
-    cfg = ablation_config(tmp_path, **{"teacher.checkpoint": str(digits_teacher)})
+    cfg = ablation_config(tmp_path, **{"teacher.checkpoint": str(digits_teacher), "eval.verify": True})
     outcome = run_ablation(cfg, tmp_path / "ablation", printer=lambda line: None)
     table = outcome["table"]
     assert set(table["variant"]) == {"crdnd", "no_contrastive", "diverges"}
@@ -66,6 +66,24 @@ def test_reduced_digits_ablation_matches_mlflow_and_shows_failed_cells(tmp_path,
     for suffix in ("md", "csv", "parquet", "png"):
         assert (tmp_path / "ablation" / f"ablation.{suffix}").stat().st_size > 0
     assert pd.read_parquet(tmp_path / "ablation" / "ablation.parquet").shape == table.shape
+
+    # eval.verify: each healthy variant's best seed (by the first metric) is verified, in MLflow and under the table.
+    verified = runs[runs["tags.verify"].notna()] if "tags.verify" in runs else runs.iloc[:0]
+    assert sorted(verified["tags.variant"]) == ["crdnd", "no_contrastive"]
+    for _, run in verified.iterrows():
+        seeds = runs[runs["tags.variant"] == run["tags.variant"]]
+        assert float(run["metrics.best_clean_acc"]) == seeds["metrics.best_clean_acc"].astype(float).max()
+        assert (tmp_path / "ablation" / "trials" / run["tags.trial_id"] / "verify.json").exists()
+        assert f"| {run['tags.variant']}/seed={run['tags.seed']} |" in outcome["markdown"]
+    assert verified["metrics.verify_autoattack_acc"].notna().all()
+    assert "Verified (AutoAttack" in outcome["markdown"]
+    cells = pd.read_csv(tmp_path / "ablation" / "cells.csv")
+    assert cells["verify"].notna().sum() == 2
+
+    # The parent's compute totals are the sums of its trials' costs.
+    parent = mlflow.get_run(outcome["parent_run_id"]).data.metrics
+    assert parent["total_images"] == pytest.approx(runs["metrics.cost_images"].fillna(0).sum())
+    assert parent["total_device_s"] == pytest.approx(runs["metrics.cost_device_s"].fillna(0).sum())
 
 
 def holm_reference(p_values: dict) -> dict:

@@ -141,7 +141,8 @@ def test_progress_follows_each_trial_and_estimates_the_remaining_time(tmp_path: 
     snapshot = view.snapshots[-1]
     assert snapshot.counts == {"finished": 1, "running": 1}
     assert snapshot.remaining_s == pytest.approx((3 + 4) * 2.0), "3 epochs of the running trial, 4 of the pending one"
-    assert view.lines[-1].startswith("[1/3] trial-first finished epoch 4/4 epoch_pgd20_acc=40.00")
+    assert view.lines[0].startswith("[0/3] trial-first started at epoch 1/4  temperature=1")
+    assert view.lines[-1].startswith("[1/3] trial-first finished after 4/4 epochs epoch_pgd20_acc=40.00")
     from io import StringIO
 
     from rich.console import Console

@@ -31,7 +31,8 @@ from crdnd_ray.processes import alive
 
 pytestmark = pytest.mark.slow
 
-SMALL = ["train.epochs=2", "eval.epoch_limit=64", "eval.final_limit=64", "attack.steps=3", "tracking.enabled=false"]
+SMALL = ["train.epochs=2", "eval.epoch_limit=64", "eval.final_limit=64", "attack.steps=3", "tracking.enabled=false",
+         "eval.verify=false"]
 SWEEP_EPOCHS = 5
 
 

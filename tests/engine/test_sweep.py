@@ -123,7 +123,7 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path
                "--set", f"teacher.checkpoint={digits_teacher}", "--set", "train.epochs=2",
                "--set", "eval.epoch_limit=32", "--set", "eval.final_limit=32", "--set", "search.num_samples=5",
                "--set", "search.max_concurrent=1", "--set", "search.scheduler.kind=none",
-               "--set", "eval.final_attacks=[clean]", "--set", "attack.steps=2"]
+               "--set", "eval.final_attacks=[clean]", "--set", "attack.steps=2", "--set", "eval.verify=false"]
     before, after = interrupt_then_resume(command, folder, tmp_path, finished=2)
     assert 2 <= len(before) < 5
     assert len(after) == 5
@@ -199,7 +199,7 @@ def _fault_sweep_args(teacher: Path, samples: int = 3) -> list[str]:
             "--set", f"teacher.checkpoint={teacher}", "--set", "train.epochs=6", "--set", "eval.epoch_limit=32",
             "--set", "eval.final_limit=32", "--set", "attack.steps=2", "--set", f"search.num_samples={samples}",
             "--set", "search.max_concurrent=1", "--set", "search.scheduler.kind=none",
-            "--set", "eval.final_attacks=[clean]"]
+            "--set", "eval.final_attacks=[clean]", "--set", "eval.verify=false"]
 
 
 def _one_finished_and_one_running(folder: Path) -> bool:

@@ -191,7 +191,7 @@ def test_teacher_is_cached_by_config_hash(tmp_path):
     same = [{"method.contrastive.weight": 2.0}, {"method.temperature": 4.0}, {"method.compensation.kind": "none"},
             {"train.epochs": 5}, {"student.kwargs": {"width": 8}}, {"tracking.enabled": True},
             {"data.root": str(tmp_path / "elsewhere")}, {"search": None}, {"method.trades.beta": 3.0},
-            {"train.weight_decay": 1e-3}]
+            {"train.weight_decay": 1e-3}, {"eval.verify": True}, {"eval.verify_top": 1}]
     for change in same:
         assert _teacher_key(_quick_teacher_config(**change)) == _teacher_key(cfg), change
     different = [{"teacher.training.lr": 0.1}, {"teacher.training.epochs": 2}, {"teacher.training.method": "trades"},

@@ -149,6 +149,10 @@ def test_the_surrogate_is_an_independent_robust_student_trained_once(run_folder,
     path = run_folder / SURROGATE_DIR / "best.pt"
     before = path.stat().st_mtime_ns
     assert train_surrogate(cfg, run_folder / SURROGATE_DIR) == path and path.stat().st_mtime_ns == before
+    another_trial = cfg.with_overrides({"method.contrastive.weight": 1.5, "method.compensation.kind": "transition",
+                                        "train.lr": 3.0}, source="another trial of a sweep")
+    assert train_surrogate(another_trial, run_folder / SURROGATE_DIR) == path, "one surrogate serves a whole sweep"
+    assert path.stat().st_mtime_ns == before
 
 
 def test_tolerances_decide_the_verdicts(honest):
