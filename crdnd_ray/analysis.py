@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
     import numpy as np
+    import pandas as pd
 
-__all__ = ["MIN_TEST_PAIRS", "holm", "mean", "metric_mode", "paired_difference", "pareto_mask", "pareto_rows", "std"]
+__all__ = ["MIN_TEST_PAIRS", "association", "holm", "mean", "metric_mode", "paired_difference", "pareto_mask", "pareto_rows", "std"]
 
 MIN_TEST_PAIRS = 3
 """Fewest paired seeds for which :func:`paired_difference` gives an interval and a p-value."""
@@ -128,3 +129,25 @@ def holm(p_values: Sequence[float]) -> list[float]:
         running = max(running, min(1.0, (len(tested) - rank) * p))
         adjusted[index] = running
     return adjusted
+
+
+def association(values: pd.Series, metric: pd.Series) -> float:
+    """How strongly a parameter goes with a metric across runs, in [0, 1]: |Spearman ρ| for a numeric
+    parameter, the correlation ratio η (the share of the metric's spread explained by the groups) for a
+    categorical one; 0 when fewer than 3 runs have both or either is constant. Used to keep the parameters
+    that matter when a table must drop columns."""
+    import pandas as pd
+
+    metric = pd.to_numeric(metric, errors="coerce")
+    numeric = pd.to_numeric(values, errors="coerce")
+    is_numeric = numeric.notna().sum() == values.notna().sum()
+    both = metric.notna() & (numeric.notna() if is_numeric else values.notna())
+    if both.sum() < 3 or metric[both].nunique() < 2 or values[both].astype(str).nunique() < 2:
+        return 0.0
+    if is_numeric:
+        rho = numeric[both].rank().corr(metric[both].rank())
+        return 0.0 if math.isnan(rho) else abs(float(rho))
+    y = metric[both]
+    groups = y.groupby(values[both].astype(str))
+    between = float((groups.size() * (groups.mean() - y.mean()) ** 2).sum())
+    return math.sqrt(between / float(((y - y.mean()) ** 2).sum()))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from crdnd_ray import analysis
@@ -81,3 +82,14 @@ def test_holm_adjusts_step_down_keeps_order_and_skips_missing_tests():
 
 def test_mean_and_std():
     assert analysis.std([1.0, 2.0, 3.0]) == pytest.approx(1.0) and math.isnan(analysis.mean([]))
+
+
+def test_association_ranks_what_goes_with_the_metric():
+    metric = pd.Series([10.0, 20.0, 30.0, 40.0, 50.0, 60.0])
+    assert analysis.association(pd.Series([0.1, 0.2, 0.3, 0.4, 0.5, 0.9]), metric) == pytest.approx(1.0)
+    assert analysis.association(pd.Series([6, 5, 4, 3, 2, 1]), metric) == pytest.approx(1.0), "a falling relation counts too"
+    assert analysis.association(pd.Series(["a", "a", "a", "b", "b", "b"]), metric) == pytest.approx(
+        np.sqrt(6 * 15.0 ** 2 / ((metric - 35.0) ** 2).sum()))
+    assert analysis.association(pd.Series([1.0, 2.0, 1.0, 2.0, 1.0, 2.0]), metric) < 0.5
+    assert analysis.association(pd.Series([None, None, 0.5, None, None, 0.7]), metric) == 0.0, "fewer than 3 runs have it"
+    assert analysis.association(pd.Series([3.0] * 6), metric) == 0.0

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from crdnd_ray import plots
-from crdnd_ray.analysis import metric_mode
+from crdnd_ray.analysis import association, metric_mode
 from crdnd_ray.report.query import check_experiment, client_for, runs_frame
 from crdnd_ray.tables import cell_text, is_numeric_column, markdown_table, write_table
 from crdnd_ray.tracking.store import latest_parent
@@ -79,9 +79,10 @@ def _short_labels(names: list[str]) -> dict[str, str]:
 
 def terminal_table(frame: pd.DataFrame, metric: str | None, mode: str, title: str, width: int | None = None) -> str:
     """The table a researcher reads in a terminal: one row per run, best first by ``metric`` (marked ★), the
-    run's name and status, the searched parameters under short names and a few key metrics, fitted to
-    ``width`` (the terminal's, 120 when it has none): what does not fit goes first from the key metrics after
-    the second, then from the parameters. ``crdnd-ray report --wide`` prints every column instead."""
+    run's name and status, the tags that vary, the searched parameters under short names (those that go most
+    with ``metric`` first, :func:`crdnd_ray.analysis.association`) and a few key metrics, fitted to ``width``
+    (the terminal's, 120 when it has none): what does not fit goes first from the key metrics after the
+    second, then from the last parameters. ``crdnd-ray report --wide`` prints every column instead."""
     import pandas as pd
 
     shown = frame
@@ -90,8 +91,11 @@ def terminal_table(frame: pd.DataFrame, metric: str | None, mode: str, title: st
         shown = frame.assign(_key=values).sort_values("_key", ascending=(mode == "min"), na_position="last",
                                                       kind="stable").drop(columns="_key")
     width = width or shutil.get_terminal_size((120, 24)).columns
-    tags = [c for c in ("variant", "stage", "seed", "verify") if c in shown.columns]
+    tags = [c for c in ("variant", "stage", "seed", "verify") if c in shown.columns
+            and (len(shown) < 2 or shown[c].nunique(dropna=False) > 1)]
     params = [c for c in shown.attrs.get("sampled", []) if c in shown.columns]
+    if metric in shown.columns:
+        params.sort(key=lambda param: -association(shown[param], shown[metric]))
     metrics = [m for m in dict.fromkeys([metric, *KEY_METRICS]) if m in shown.columns][:4]
     labels = {"run_name": "run", "status": "status", **{t: t for t in tags}, **_short_labels(params),
               **{m: m for m in metrics}}

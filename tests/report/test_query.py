@@ -216,3 +216,22 @@ def test_every_table_format_reads_back(store: dict, tmp_path: Path) -> None:
     back = pq.read_table(tables.write_table(mixed, tmp_path / "mixed.parquet")).to_pandas()
     assert list(back["a"][:2]) == ["1", "x"] and pd.isna(back["a"][2])
     assert list(back["b"]) == ["{'k': 1}", "[1, 2]", "3.5"]
+
+
+def test_a_narrow_table_keeps_the_parameters_that_go_with_the_metric_and_only_tags_that_vary() -> None:
+    from crdnd_ray.report.compare import terminal_table
+
+    frame = pd.DataFrame({
+        "run_name": [f"trial-{i}" for i in range(6)], "status": ["finished"] * 6, "seed": ["0"] * 6,
+        "verify": ["pass", None, None, "warn", None, None],
+        "method.compensation.beta": [1.5, 0.8, 2.5, 0.5, 2.0, 1.0],
+        "method.contrastive.weight": [0.1, 0.2, 0.4, 0.3, 0.9, 0.6],
+        "train.lr": [0.1, 0.2, 0.4, 0.8, 1.6, 3.2],
+        "epoch_pgd20_acc": [20.0, 30.0, 40.0, 50.0, 55.0, 60.0],
+    })
+    frame.attrs["sampled"] = ["method.compensation.beta", "method.contrastive.weight", "train.lr"]
+    header = next(line for line in terminal_table(frame, "epoch_pgd20_acc", "max", "t", width=80).splitlines()
+                  if "┃" in line)
+    assert "lr" in header and "weight" in header and "beta" not in header, \
+        "the learning rate follows PGD-20 exactly, the weight nearly; beta does not"
+    assert "verify" in header and "seed" not in header, "a tag with one value for every run says nothing"
