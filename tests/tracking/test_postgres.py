@@ -40,7 +40,8 @@ SMALL = ["teacher.training.epochs=4", "train.epochs=2", "eval.epoch_limit=64", "
          "attack.steps=3"]
 """The digits files shrunk for tests (as ``conftest.small_config``)."""
 SWEEP = ["search.num_samples=2", "search.scheduler.kind=none", "eval.verify=false"]
-ABLATION = ["ablation.seeds=[0]", "ablation.variants={crdnd: {}, no_contrastive: {method.contrastive.kind: none}}"]
+ABLATION = ["ablation.seeds=[0]", "ablation.variants={crdnd: {}, no_contrastive: {method.contrastive.kind: none}}",
+            "ablation.tune=null"]
 RUN_FILES = {"config.yaml", "best.pt", "final_metrics.json", "metrics.jsonl", "learning_curve.png"}
 
 

@@ -108,7 +108,7 @@ def test_the_printed_link_of_a_recorded_sweep_shows_its_trials_with_metric_colum
         for name in trials:
             assert name in page.text, f"{name} missing from the rendered page:\n{page.text[:3000]}"
         metric_columns = [c for c in page.column_headers if c.startswith("metrics.")]
-        assert metric_columns and "params.`method.temperature`" in page.column_headers, page.column_headers
+        assert metric_columns and "params.`train.lr`" in page.column_headers, page.column_headers
         assert page.screenshot is not None and page.screenshot.stat().st_size > 10_000
         landing = render(next(url for label, url in printed.items() if "all runs" in label), screenshot=False,
                          expect=trials[:1])
