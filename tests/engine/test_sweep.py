@@ -199,7 +199,7 @@ def _fault_sweep_args(teacher: Path, samples: int = 3) -> list[str]:
             "--set", f"teacher.checkpoint={teacher}", "--set", "train.epochs=6", "--set", "eval.epoch_limit=32",
             "--set", "eval.final_limit=32", "--set", "attack.steps=2", "--set", f"search.num_samples={samples}",
             "--set", "search.max_concurrent=1", "--set", "search.scheduler.kind=none",
-            "--set", "eval.final_attacks=[clean]", "--set", "eval.verify=false"]
+            "--set", "eval.final_attacks=[clean]", "--set", "eval.verify=false", "--set", "train.max_steps_per_epoch=6"]
 
 
 def _one_finished_and_one_running(folder: Path) -> bool:

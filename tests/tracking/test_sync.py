@@ -37,7 +37,7 @@ def test_a_killed_tracking_server_never_blocks_a_sweep_and_sync_sends_what_it_mi
                        "--set", "train.epochs=3", "--set", "eval.epoch_limit=32", "--set", "eval.final_limit=32",
                        "--set", "attack.steps=2", "--set", "search.num_samples=4", "--set", "search.max_concurrent=1",
                        "--set", "search.scheduler.kind=none", "--set", "eval.final_attacks=[clean]",
-                       "--set", "eval.verify=false"],
+                       "--set", "eval.verify=false", "--set", "train.max_steps_per_epoch=6"],
                       tmp_path, tmp_path / "log")
     try:
         wait_until(lambda: any(folder.glob("trials/*/final_metrics.json")), 240, "the first finished trial")

@@ -111,7 +111,7 @@ def test_the_printed_link_of_a_recorded_sweep_shows_its_trials_with_metric_colum
         assert metric_columns and "params.`train.lr`" in page.column_headers, page.column_headers
         assert page.screenshot is not None and page.screenshot.stat().st_size > 10_000
         landing = render(next(url for label, url in printed.items() if "all runs" in label), screenshot=False,
-                         expect=trials[:1])
+                         expect=["matching runs"])
         assert landing.title.startswith("Runs"), landing.title
     finally:
         ui.send_signal(signal.SIGINT)
