@@ -180,12 +180,23 @@ def run_search(cfg: RunConfig, folder: Path, search: SearchConfig, space: dict[s
 
 
 def best_row(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
-    """The trial that did best on ``metric`` among those that did not fail (None when there is none)."""
+    """The trial that did best on ``metric`` among those that did not fail (None when there is none).
+
+    Ties (a metric on a few hundred test images often ties) go to the trial the searcher proposed first —
+    Tune numbers trials in that order (``<experiment>_00003``) — not to whichever happened to start first, so
+    the same search always chooses the same trial.
+    """
     ranked = [row for row in rows if row["status"] != "failed" and isinstance(row.get(metric), (int, float))
               and math.isfinite(row[metric])]
     if not ranked:
         return None
-    return (max if mode == "max" else min)(ranked, key=lambda row: row[metric])
+    sign = 1.0 if mode == "max" else -1.0
+    return max(ranked, key=lambda row: (sign * row[metric], -_proposal_index(str(row.get("trial_id", "")))))
+
+
+def _proposal_index(trial_id: str) -> int:
+    suffix = trial_id.rsplit("_", 1)[-1]
+    return int(suffix) if suffix.isdigit() else 0
 
 
 def plan_sweep(cfg: RunConfig) -> TrialsPlan:

@@ -10,7 +10,9 @@ callbacks of ``engine.callbacks`` record each trial and show the progress. Statu
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,9 +189,7 @@ def run_trials(cfg: RunConfig, folder: Path, *, kind: str, param_space: dict[str
         tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
     interrupted, failure = False, None
     try:
-        tuner.fit()
-    except KeyboardInterrupt:
-        interrupted = True
+        interrupted = _fit(tuner)
     except Exception as error:  # noqa: BLE001 - reported below with the trials that were kept
         failure = error
     rows = _rows(tune_dir / name, spec)
@@ -207,6 +207,28 @@ def run_trials(cfg: RunConfig, folder: Path, *, kind: str, param_space: dict[str
     if interrupted:
         ray.shutdown()
     return TrialsResult(rows, parent_id, recorder, interrupted, folder)
+
+
+def _fit(tuner: tune.Tuner) -> bool:
+    """Run ``tuner.fit()``; return whether Ctrl-C (or SIGTERM, which the CLI turns into SIGINT) interrupted it.
+
+    During ``fit`` Ray Tune's own SIGINT handler stops the trials gracefully; it restores the previous handler
+    only when it fires and otherwise stays installed, where it would swallow a later Ctrl-C (during the
+    verification, or between a tuned ablation's stages). So the previous handler is put back, and a handler
+    already put back by Tune means it fired — an interrupt, even when the last trial ended at that moment.
+    """
+    before = signal.getsignal(signal.SIGINT)
+    tune_catches = (threading.current_thread() is threading.main_thread()
+                    and os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") == "0")
+    try:
+        tuner.fit()
+    except KeyboardInterrupt:
+        return True
+    finally:
+        fired = tune_catches and signal.getsignal(signal.SIGINT) is before
+        if tune_catches:
+            signal.signal(signal.SIGINT, before)
+    return fired
 
 
 def _bring_store_in_line(recorder: Recorder, parent_id: str, folder: Path, rows: list[dict[str, Any]],

@@ -46,7 +46,9 @@ def test_asha_stops_a_trial_early_and_later_trials_still_start(tmp_path, ray_ses
            "search.scheduler": {"kind": "asha", "grace_period": 1, "reduction_factor": 2},
            "search.space": {"train.lr": {"type": "loguniform", "low": 1e-6, "high": 1.0}}},
     )
+    handler = signal.getsignal(signal.SIGINT)
     outcome = run_sweep(cfg, tmp_path / "sweep", printer=lambda line: None)
+    assert signal.getsignal(signal.SIGINT) is handler, "Ray Tune's SIGINT handler would swallow a later Ctrl-C"
     statuses = [row["status"] for row in outcome["rows"]]
     assert len(statuses) == 4
     assert "stopped_early" in statuses
@@ -305,3 +307,16 @@ def test_a_verified_sweep_picks_its_best_by_autoattack_and_its_costs_add_up(tmp_
         assert parent.data.metrics[key.replace("cost_", "total_")] == pytest.approx(table[key].sum()), key
     assert table["cost_images"].min() == 2 * 6 * 64, "2 epochs of 6 steps of 64 examples per trial"
     assert any(line.startswith("verifying trial") for line in lines)
+
+
+def test_the_best_trial_of_a_tie_is_the_one_proposed_first_whatever_the_start_order():
+    from crdnd_ray.engine.sweep import best_row
+
+    rows = [{"trial_id": "ab12c_00003", "status": "finished", "epoch_pgd20_acc": 56.25},
+            {"trial_id": "ab12c_00001", "status": "finished", "epoch_pgd20_acc": 56.25},
+            {"trial_id": "ab12c_00002", "status": "failed", "epoch_pgd20_acc": 90.0},
+            {"trial_id": "ab12c_00000", "status": "stopped_early", "epoch_pgd20_acc": 40.0}]
+    assert best_row(rows, "epoch_pgd20_acc", "max")["trial_id"] == "ab12c_00001"
+    assert best_row(list(reversed(rows)), "epoch_pgd20_acc", "max")["trial_id"] == "ab12c_00001"
+    assert best_row(rows, "epoch_pgd20_acc", "min")["trial_id"] == "ab12c_00000"
+    assert best_row([rows[2]], "epoch_pgd20_acc", "max") is None
