@@ -27,13 +27,13 @@ import pandas as pd
 from crdnd_ray import plots, tables
 from crdnd_ray.analysis import MIN_TEST_PAIRS, holm, mean, metric_mode, paired_difference, std
 from crdnd_ray.config import AblationConfig, ConfigError, ParameterSpec, RunConfig, flatten, load_config
+from crdnd_ray.engine.cost import totals
 from crdnd_ray.engine.preflight import check_config
 from crdnd_ray.engine.sweep import best_row, check_search, resolve_space, run_search
-from crdnd_ray.engine.cost import totals
 from crdnd_ray.engine.teachers import prepare_teacher
-from crdnd_ray.tracking.uris import TrackingUnavailable
-from crdnd_ray.engine.verify import VERIFY_COLUMNS, ablation_choice, verify_rows
 from crdnd_ray.engine.trials import TrialSpec, TrialsPlan, plan_trials, run_trials, start_parent
+from crdnd_ray.engine.verify import VERIFY_COLUMNS, ablation_choice, verify_rows
+from crdnd_ray.tracking.uris import TrackingUnavailable
 
 __all__ = ["VariantTuning", "ablation_table", "ablation_trial_spec", "base_config_from_sweep", "markdown_table",
            "plan_ablation", "run_ablation", "tune_variants", "validate_ablation", "variant_tuning"]
@@ -327,7 +327,7 @@ def _settings_notes(ablation: AblationConfig, tuning: dict[str, dict[str, Any]] 
             chosen = "no trial finished: fixed values used"
         best = record["best_value"]
         lines.append(f"| {name} | {', '.join(record['tuned']) or '-'} | {'; '.join(p for p in (chosen, pinned) if p)} "
-                     f"| {f'{best:.2f}' if _finite(best) else '-'} | {record['trials']} "
+                     f"| {_number(best)} | {record['trials']} "
                      f"({statuses.get('finished', 0)}/{statuses.get('stopped_early', 0)}/{statuses.get('failed', 0)}) "
                      f"| {record['epochs']} |")
     return lines
